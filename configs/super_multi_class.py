@@ -1,0 +1,21 @@
+r"""Super-multi-class: one model trained on MVTec-AD + VisA + Real-IAD (57 classes).
+
+  python -m inpformer_jax.main --config configs/super_multi_class.py --workdir workdirs/super_multi_class
+
+Evaluated per class and averaged per dataset, as the official script does.
+Data: --config.data.roots.{mvtec,visa,realiad}=PATH
+Tiny CPU smoke run: --config configs/super_multi_class.py:runlocal=True
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, runlocal=False)
+  c = common.base_config()
+  common.apply_setting(c, "super_multi_class")
+  c.data.train = "mvtec,visa,realiad"
+  c.data.test = "mvtec,visa,realiad"
+  if a.runlocal:
+    common.apply_runlocal(c)
+  return c

@@ -1,0 +1,518 @@
+"""grain input pipelines: a shuffled, repeating training stream and an exactly-once evaluation.
+
+Training (`train_dataset`):
+
+  MapDataset.source(source) -> .seed(seed) -> .shuffle() -> .repeat()   # epoch-aware permutations
+    -> .map(Finish(crop))                                               # uint8 -> normalised f32
+    -> _ProcessSlice(global_bs, process)                                # disjoint slice per host
+    -> .batch(global_bs // process_count, drop_remainder=True)
+    -> .to_iter_dataset() [-> .mp_prefetch(num_workers)]
+
+Every process builds the same seeded global order, so the processes need no communication; each
+takes its contiguous slice of every global batch, and `to_global` assembles the slices into one
+`jax.Array` sharded over the data axis. `.repeat()` after `.shuffle()` draws a fresh permutation
+per epoch, so every image is visited once per epoch; batches simply run across the epoch
+boundary. The official recipe (`drop_last=True`) drops the N % global_bs remainder of each epoch
+instead; we keep its step count, `steps_per_epoch = N // global_bs`, so a run of E epochs makes
+the same number of optimizer steps, and the images seen are the first E * steps_per_epoch * bs of
+the concatenated epochs -- nothing is skipped, the last partial epoch simply ends early.
+
+Evaluation (`eval_batches`): the test split is laid out in global batches of `batch_size`; the
+last one is padded so that every process runs ceil(N / batch_size) batches (multi-host SPMD needs
+the same number of steps everywhere), and each row carries `valid` and its `index` into the
+sample list. Every sample appears exactly once with valid=True across all processes.
+
+Sources are grain random-access sources (`__len__`, `__getitem__`) returning a dict with a uint8
+`image` resized to the config's resize size (the expensive PIL part of the official transform)
+or, for the few-shot in-memory path, already-finished float32 images:
+  * `PathSource(samples, resize)`      -- image files on disk (Sample records from the readers);
+  * `ArrayRecordSource(...)`           -- ArrayRecord shards written by the TFDS builders
+                                          (`tfds_builders/`), decoded without TensorFlow;
+  * `ArraySource(images)`              -- in-memory arrays (few-shot: 22 augmented copies/shot);
+  * `ConcatSource(*sources)`           -- several sources as one (super-multi-class).
+The finishing step (`preprocess.finish_from_resized`: crop, /255, ImageNet normalisation) is the
+same for all of them, so stored shards reproduce the file pipeline bit for bit. For fast
+accelerators, `train_dataset(..., uint8=True)` stops at the uint8 crop and `normalize` finishes
+it on the device (same values, a quarter of the bytes through worker queues and host-to-device).
+
+Worker processes (num_workers > 0) are spawned by grain; they unpickle the pipeline, so sources
+hold paths and open files lazily. Scripts that start workers need the usual
+`if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from inpformer_jax.data import preprocess
+from inpformer_jax.data.records import Sample
+
+# ---------------------------------------------------------------------------------------
+# Sources.
+# ---------------------------------------------------------------------------------------
+
+
+class PathSource:
+  """Image files listed by `Sample` records -> {"index", "image" uint8 (R, R, 3), ...}.
+
+  with_masks: also read the ground-truth mask ("mask" uint8 (R, R), zeros for normal images
+    and for classes without masks) and the metadata fields; training does not need them.
+  """
+
+  def __init__(self, samples: Sequence[Sample], resize: int, *, with_masks: bool = False):
+    if not samples:
+      raise ValueError("PathSource got no samples: the reader found no images (check the "
+                       "dataset root and the category list in the config)")
+    bad = [s for s in samples if not isinstance(s, Sample)]
+    if bad:
+      raise TypeError(f"PathSource expects inpformer_jax.data.records.Sample records, got "
+                      f"{type(bad[0]).__name__}; build them with inpformer_jax.data.readers")
+    self.samples = list(samples)
+    self.resize = resize
+    self.with_masks = with_masks
+
+  def __len__(self) -> int:
+    return len(self.samples)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    s = self.samples[index]
+    out = {"index": np.int64(index),
+           "image": preprocess.resize_pil_only(s.image_path, self.resize)}
+    if self.with_masks:
+      if s.mask_path is None:
+        out["mask"] = np.zeros((self.resize, self.resize), np.uint8)
+      else:
+        out["mask"] = preprocess.resize_mask_pil_only(s.mask_path, self.resize)
+      out.update(_meta(s.label, s.has_mask, s.dataset, s.category, s.defect, s.image_path))
+    return out
+
+  def __repr__(self) -> str:
+    return f"PathSource(n={len(self)}, resize={self.resize}, with_masks={self.with_masks})"
+
+
+class ArraySource:
+  """In-memory images -> {"index", "image"}.
+
+  images: float32 (N, crop, crop, 3), already normalised (few-shot: `fewshot.augment_22`
+    output), or uint8 (N, R, R, 3) resized images that still need `finish_from_resized`.
+  """
+
+  def __init__(self, images: np.ndarray):
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype not in (np.float32, np.uint8):
+      raise ValueError("ArraySource expects float32 (N, crop, crop, 3) normalised images or "
+                       f"uint8 (N, R, R, 3) resized ones; got {images.dtype} {images.shape}")
+    if len(images) == 0:
+      raise ValueError("ArraySource got no images")
+    self.images = images
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"index": np.int64(index), "image": self.images[index]}
+
+  def __repr__(self) -> str:
+    return f"ArraySource({self.images.dtype} {self.images.shape})"
+
+
+def fewshot_source(shots: Sequence[Sample], *, resize: int, crop: int) -> ArraySource:
+  """The official few-shot training set: each shot expanded 22x (`fewshot.augment_22`).
+
+  The 22 copies are kept in the official order; `train_dataset` shuffles them anyway (the
+  official loader shuffles the augmented TensorDataset too). float32 (22 k, crop, crop, 3).
+  """
+  from inpformer_jax.data import fewshot
+  if not shots:
+    raise ValueError("no few-shot images: select them with fewshot.select_shots")
+  images = [fewshot.augment_22(preprocess.load_image(s.image_path, resize, crop), seed=None)
+            for s in shots]
+  return ArraySource(np.concatenate(images))
+
+
+class ArrayRecordSource:
+  """A split written by `tfds_builders` (ArrayRecord shards), read with TFDS, no TensorFlow.
+
+  builder_dir: `<data_dir>/<name>/<config>/<version>` (`tfds_builders.builder_dir` finds it).
+  Records are in the reader's order (the builders disable shuffling), so record i is the i-th
+  sample `readers.read_dataset` returns for the split and the pipelines give the same batches
+  as from the files. The TFDS handle is opened lazily so that the source pickles cheaply into
+  grain's worker processes.
+  """
+
+  def __init__(self, builder_dir: str, split: str, *, with_masks: bool = False):
+    self.builder_dir = str(builder_dir)
+    self.split = split
+    self.with_masks = with_masks
+    self._lock = threading.Lock()
+    self._ds = None
+    self._len = len(self._open())
+
+  def _open(self):
+    # grain reads a batch's elements from several threads; TFDS's lazy imports deadlock when
+    # two threads trigger them at once, so the first open is serialised.
+    with self._lock:
+      if self._ds is None:
+        import tensorflow_datasets as tfds  # Optional dependency (the `tfds` extra).
+        builder = tfds.builder_from_directory(self.builder_dir)
+        if self.split not in builder.info.splits:
+          raise ValueError(f"{self.builder_dir} has no split {self.split!r} "
+                           f"(it has {sorted(builder.info.splits)})")
+        decoders = None if self.with_masks else {"mask": tfds.decode.SkipDecoding()}
+        self._ds = builder.as_data_source(split=self.split, decoders=decoders)
+      return self._ds
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_ds"] = state["_lock"] = None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+    self._open()  # In the unpickling (main) thread of the worker, before grain's threads.
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    r = self._open()[index]
+    out = {"index": np.int64(index), "image": np.asarray(r["image"], np.uint8)}
+    if self.with_masks:
+      out["mask"] = np.asarray(r["mask"], np.uint8)[..., 0]
+      out.update(_meta(r["label"], r["has_mask"], r["dataset"], r["category"], r["defect"],
+                       r["path"]))
+    return out
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordSource({self.builder_dir!r}, split={self.split!r}, n={len(self)})"
+
+
+class ConcatSource:
+  """Several sources as one; `index` is the position in the concatenation."""
+
+  def __init__(self, *sources):
+    if not sources:
+      raise ValueError("ConcatSource needs at least one source")
+    self.sources = sources
+    self._ends = np.cumsum([len(s) for s in sources])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    which = int(np.searchsorted(self._ends, index, side="right"))
+    start = 0 if which == 0 else int(self._ends[which - 1])
+    out = dict(self.sources[which][index - start])
+    out["index"] = np.int64(index)
+    return out
+
+  def __repr__(self) -> str:
+    return f"ConcatSource({', '.join(map(repr, self.sources))})"
+
+
+def _str(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _meta(label, has_mask, dataset, category, defect, path) -> dict[str, Any]:
+  return {"label": np.int32(label), "has_mask": np.bool_(has_mask), "dataset": _str(dataset),
+          "category": _str(category), "defect": _str(defect), "path": _str(path)}
+
+
+# ---------------------------------------------------------------------------------------
+# Transforms.
+# ---------------------------------------------------------------------------------------
+
+
+class Finish(grain.transforms.Map):
+  """Resized uint8 -> normalised float32 (crop, crop, 3); uint8 mask -> soft float32 (crop, crop).
+
+  Float32 images (ArraySource) are already finished and only checked. normalize=False keeps
+  the centre-cropped uint8 image (4x fewer bytes through the worker queues and to the
+  device; `normalize` then finishes it on the accelerator).
+  """
+
+  def __init__(self, crop: int, normalize: bool = True):
+    self.crop = crop
+    self.normalize = normalize
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    out = dict(element)
+    img = element["image"]
+    if img.dtype == np.uint8:
+      if self.normalize:
+        out["image"] = preprocess.finish_from_resized(img, self.crop)
+      else:
+        top, left = preprocess.center_crop_offsets(img.shape[0], img.shape[1], self.crop)
+        out["image"] = np.ascontiguousarray(img[top:top + self.crop, left:left + self.crop])
+    elif not self.normalize:
+      raise ValueError("uint8 output needs uint8 sources; in-memory float images (few-shot) "
+                       "are already normalised: use the default float32 output")
+    elif img.shape != (self.crop, self.crop, 3):
+      raise ValueError(f"in-memory float image of shape {img.shape} does not match the config's "
+                       f"crop {self.crop}: augment at the same crop size as the model input")
+    if "mask" in element:
+      out["mask"] = preprocess.finish_mask_from_resized(element["mask"], self.crop)
+    return out
+
+
+def _normalize_table() -> np.ndarray:
+  """float32 (256, 3): the official normalised value of each uint8 level, per channel."""
+  levels = np.arange(256, dtype=np.uint8)[:, None].astype(np.float32)
+  return (levels / np.float32(255) - preprocess.IMAGENET_MEAN) / preprocess.IMAGENET_STD
+
+
+def normalize(images):
+  """uint8 (..., 3) crops -> the official normalised float32, wherever `images` live.
+
+  A 256-entry lookup per channel rather than arithmetic: XLA rewrites x / c as x * (1 / c),
+  which differs from torchvision's division in the last bit; the table holds the host's exact
+  values, so this equals `preprocess.finish_from_resized` bit for bit on any device. Use it
+  inside the jitted step with `train_dataset(..., uint8=True)`.
+  """
+  import jax.numpy as jnp
+  images = jnp.asarray(images)
+  return jnp.asarray(_normalize_table())[images.astype(jnp.int32), jnp.arange(3)]
+
+
+class _ProcessSlice(grain.MapDataset):
+  """Element i of process p = element (i // per) * G + p * per + i % per of the global stream."""
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._global = global_batch
+    self._per = global_batch // process_count
+    self._offset = process_index * self._per
+    self._length = (len(parent) // global_batch) * self._per
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, index: int) -> int:
+    b, k = divmod(index, self._per)
+    return b * self._global + self._offset + k
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"_ProcessSlice(global={self._global}, per={self._per}, offset={self._offset})"
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if not 0 <= pi < pc:
+    raise ValueError(f"process_index {pi} is not in [0, process_count={pc})")
+  return pi, pc
+
+
+def _per_process(batch_size: int, process_count: int, what: str) -> int:
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"{what} {batch_size} must be a positive multiple of the number of "
+                     f"processes ({process_count}); change it in the config")
+  return batch_size // process_count
+
+
+def _mark_flags_parsed() -> None:
+  # grain 0.2.18 reads its absl flags in the worker processes (spawned); when the main program
+  # did not go through absl.app.run (tests, notebooks, scripts) they are unparsed and the
+  # workers die with UnparsedFlagAccessError. Marking them parsed keeps their defaults.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+  it = ds.to_iter_dataset()
+  if num_workers > 0:
+    _mark_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
+
+
+def _make_source(samples, source, resize: int, with_masks: bool):
+  if source is not None:
+    if samples is not None:
+      raise ValueError("pass either samples or source, not both")
+    return source
+  if isinstance(samples, np.ndarray):
+    return ArraySource(samples)
+  if samples is None:
+    raise ValueError("no data: pass samples (Sample records or an array) or a source")
+  return PathSource(samples, resize, with_masks=with_masks)
+
+
+# ---------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
+  """Optimizer steps per epoch with the official drop_last=True: N // global_batch."""
+  steps = num_samples // global_batch_size
+  if steps == 0:
+    raise ValueError(f"{num_samples} training images are fewer than one global batch of "
+                     f"{global_batch_size}: lower config.batch_size")
+  return steps
+
+
+def train_dataset(samples: Sequence[Sample] | np.ndarray | None = None, *, resize: int,
+                  crop: int, global_batch_size: int, seed: int, num_workers: int = 0,
+                  process_index: int | None = None, process_count: int | None = None,
+                  source=None, uint8: bool = False) -> grain.IterDataset:
+  """The infinite training stream of this process's batches.
+
+  samples: Sample records (read from files), or an in-memory array (see `ArraySource`), or None
+    with `source` given (e.g. an `ArrayRecordSource`).
+  Returns a grain IterDataset; `iter(ds)` yields {"image": float32 (b, crop, crop, 3),
+  "index": int64 (b,)} with b = global_batch_size // process_count, and the iterator's
+  `get_state()` / `set_state()` checkpoint its position (see `checkpoint.py`).
+  uint8: deliver centre-cropped uint8 images and normalise on the device with `normalize`
+    (for fast accelerators: a quarter of the host bytes and no host float math).
+  """
+  src = _make_source(samples, source, resize, with_masks=False)
+  pi, pc = _process(process_index, process_count)
+  per = _per_process(global_batch_size, pc, "global_batch_size")
+  logging.info("train data: %d images, global batch %d (%d per process x %d), %d steps per "
+               "epoch (official drop_last=True), %d workers", len(src), global_batch_size, per,
+               pc, steps_per_epoch(len(src), global_batch_size), num_workers)
+  ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat()
+  ds = ds.map(Finish(crop, normalize=not uint8))
+  ds = _ProcessSlice(ds, global_batch_size, pi, pc)
+  ds = ds.batch(per, drop_remainder=True)
+  return _to_iter(ds, num_workers)
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
+              ) -> dict[str, jax.Array]:
+  """Process-local numeric arrays -> global jax.Arrays (batch axis split as `sharding` says).
+
+  String fields (dataset, category, ...) stay on the host and are left out.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------
+
+
+def eval_layout(num_samples: int, batch_size: int, process_index: int, process_count: int
+                ) -> np.ndarray:
+  """Sample positions this process evaluates, -1 for padding: int64 (num_batches * per,)."""
+  per = _per_process(batch_size, process_count, "eval batch_size")
+  num_batches = math.ceil(num_samples / batch_size)
+  pos = np.arange(num_batches * batch_size).reshape(num_batches, process_count, per)
+  pos = pos[:, process_index].reshape(-1)
+  return np.where(pos < num_samples, pos, -1)
+
+
+class _EvalElement(grain.transforms.Map):
+  """Position (or -1) -> a finished row with `valid`; padding rows are zeros and empty strings."""
+
+  def __init__(self, source, crop: int):
+    self.source = source
+    self.finish = Finish(crop)
+    self.crop = crop
+
+  def map(self, position: int) -> dict[str, Any]:
+    if position >= 0:
+      row = self.finish.map(self.source[int(position)])
+      row["valid"] = np.bool_(True)
+      return row
+    c = self.crop
+    row = {"index": np.int64(-1), "image": np.zeros((c, c, 3), np.float32),
+           "mask": np.zeros((c, c), np.float32), "valid": np.bool_(False)}
+    row.update(_meta(0, False, "", "", "", ""))
+    return row
+
+
+@dataclasses.dataclass
+class EvalBatches:
+  """Re-iterable evaluation batches of one process; `len()` is the same on every process."""
+  dataset: grain.IterDataset
+  num_batches: int
+  num_samples: int
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return iter(self.dataset)
+
+
+def eval_batches(samples: Sequence[Sample] | None = None, *, resize: int, crop: int,
+                 batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None, num_workers: int = 0,
+                 source=None) -> EvalBatches:
+  """Every test image exactly once, in padded batches.
+
+  batch_size: the GLOBAL eval batch (a multiple of process_count, and of the local device
+    count if the batch is sharded); each process gets batch_size // process_count rows.
+  Each batch: image float32 (b, crop, crop, 3); mask float32 (b, crop, crop) soft, zeros for
+  normal images and for classes without masks; label int32 (b,); has_mask bool (b,);
+  valid bool (b,); index int64 (b,) (position in `samples`, -1 on padding); and host-side
+  unicode arrays dataset/category/defect/path (b,) ("" on padding).
+  """
+  src = _make_source(samples, source, resize, with_masks=True)
+  pi, pc = _process(process_index, process_count)
+  per = _per_process(batch_size, pc, "eval batch_size")
+  layout = eval_layout(len(src), batch_size, pi, pc)
+  ds = grain.MapDataset.source(layout).map(_EvalElement(src, crop)).batch(per)
+  return EvalBatches(_to_iter(ds, num_workers), len(layout) // per, len(src))
+
+
+# ---------------------------------------------------------------------------------------
+# Union (super-multi-class) and grouping for per-class evaluation.
+# ---------------------------------------------------------------------------------------
+
+
+def union(*sample_lists: Sequence[Sample]) -> list[Sample]:
+  """Concatenate datasets into one training/evaluation list (order kept, duplicates refused)."""
+  out = [s for samples in sample_lists for s in samples]
+  dup = [p for p, n in collections.Counter(s.image_path for s in out).items() if n > 1]
+  if dup:
+    raise ValueError(f"{len(dup)} images appear twice in the union, e.g. {dup[0]}: the same "
+                     "dataset (or category) is listed twice in the config")
+  return out
+
+
+def read_union(specs: Sequence[Mapping[str, Any]], split: str) -> list[Sample]:
+  """Config-driven union: specs like [{"name": "mvtec", "root": ..., "categories": [...]}, ...].
+
+  Extra keys of a spec are passed to `readers.read_dataset` (e.g. Real-IAD's resolution or view
+  filter). categories None or empty means all classes of that dataset.
+  """
+  from inpformer_jax.data import readers
+  lists = []
+  for spec in specs:
+    spec = dict(spec)
+    name, root = spec.pop("name"), spec.pop("root")
+    categories = spec.pop("categories", None) or None
+    lists.append(readers.read_dataset(name, root, categories, split, **spec))
+  return union(*lists)
+
+
+def group_by_class(samples: Sequence[Sample]) -> dict[tuple[str, str], list[int]]:
+  """(dataset, category) -> positions in `samples`, in first-seen order (per-class metrics)."""
+  groups: dict[tuple[str, str], list[int]] = {}
+  for i, s in enumerate(samples):
+    groups.setdefault((s.dataset, s.category), []).append(i)
+  return groups

@@ -1,0 +1,137 @@
+"""Image and mask preprocessing, identical to the official transforms (SPEC §6.1).
+
+The official `dataset.py::get_data_transforms(448, 392)` is
+
+  image: PIL .convert('RGB') -> Resize((448, 448)) (PIL BILINEAR, with PIL's antialias)
+         -> ToTensor (/255) -> CenterCrop(392) -> Normalize(ImageNet mean, std)
+  mask:  PIL Resize((448, 448)) (BILINEAR too: masks get soft edges) -> ToTensor -> CenterCrop
+
+The resize is done by PIL itself (not re-implemented), so the uint8 pixels are PIL's. Cropping
+commutes with the elementwise /255 and normalisation, and the float32 arithmetic follows
+torchvision's order ((x / 255 - mean) / std), so the results equal the torch pipeline bit for bit.
+
+Two entry points produce the same arrays:
+  * `load_image(path, resize, crop)` -- from the original file;
+  * `resize_pil_only(path, resize)` (stored, e.g. in ArrayRecord shards) followed later by
+    `finish_from_resized(uint8, crop)`.
+`load_image` is literally the composition of the two, so both paths are bit-identical.
+
+Layout is NHWC: an image is float32 (crop, crop, 3); a mask is float32 (crop, crop) in [0, 1],
+kept soft -- the evaluation decides the binarisation (> 0.5 official, > 0 paper era).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class ImageReadError(OSError):
+  """An image or mask file that PIL cannot decode (the message names the file)."""
+
+
+def _open(path: str | os.PathLike, what: str) -> Image.Image:
+  try:
+    img = Image.open(path)
+    img.load()
+  except FileNotFoundError as e:
+    raise ImageReadError(f"{what} file not found: {path}") from e
+  except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...).
+    raise ImageReadError(
+        f"cannot read {what} {path}: {type(e).__name__}: {e}. Replace or delete the file "
+        "(a truncated download or a non-image file with an image extension?)") from e
+  return img
+
+
+def center_crop_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
+  """Top/left offsets exactly as torchvision CenterCrop: int(round((size - crop) / 2))."""
+  if crop > height or crop > width:
+    # torchvision would zero-pad; the official sizes never need it, so treat it as a config error.
+    raise ValueError(f"crop {crop} is larger than the resized image {height}x{width}; "
+                     "set the config's crop size <= its resize size")
+  return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+
+
+def _center_crop(x: np.ndarray, crop: int) -> np.ndarray:
+  top, left = center_crop_offsets(x.shape[0], x.shape[1], crop)
+  return x[top:top + crop, left:left + crop]
+
+
+def _pil_resize(img: Image.Image, size: int) -> Image.Image:
+  # torchvision.transforms.Resize((s, s)) on a PIL image calls img.resize((s, s), BILINEAR);
+  # PIL's bilinear filter widens its support when downscaling (antialias).
+  return img.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def resize_pil_only(path_or_img, size: int) -> np.ndarray:
+  """RGB image resized by PIL to (size, size): uint8 (size, size, 3).
+
+  This is the part of the pipeline that can be precomputed and stored (the other part is
+  `finish_from_resized`).
+  """
+  img = path_or_img if isinstance(path_or_img, Image.Image) else _open(path_or_img, "image")
+  return np.asarray(_pil_resize(img.convert("RGB"), size), dtype=np.uint8)
+
+
+def finish_from_resized(resized: np.ndarray, crop: int) -> np.ndarray:
+  """uint8 (R, R, 3) from `resize_pil_only` -> normalised float32 (crop, crop, 3)."""
+  if resized.dtype != np.uint8 or resized.ndim != 3 or resized.shape[-1] != 3:
+    raise ValueError(f"expected a uint8 (H, W, 3) image, got {resized.dtype} {resized.shape}")
+  x = _center_crop(resized, crop).astype(np.float32)
+  # torchvision: ToTensor does img.float().div(255); Normalize does sub_(mean).div_(std),
+  # all in float32.
+  x = x / np.float32(255)
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def preprocess_pil(img: Image.Image, resize: int = 448, crop: int = 392) -> np.ndarray:
+  """A PIL image (any mode) -> normalised float32 (crop, crop, 3)."""
+  return finish_from_resized(resize_pil_only(img, resize), crop)
+
+
+def load_image(path: str | os.PathLike, resize: int = 448, crop: int = 392) -> np.ndarray:
+  """Image file -> normalised float32 (crop, crop, 3), as the official test/train transform."""
+  return finish_from_resized(resize_pil_only(path, resize), crop)
+
+
+def _mask_as_l(img: Image.Image) -> Image.Image:
+  # Official: Image.open(gt) without convert; MVTec/VisA/Real-IAD masks are 'L'. For '1' and
+  # 'P' PIL's resize would silently fall back to NEAREST and ToTensor would see palette
+  # indices, so give every other mode the 0..255 grey levels the evaluation expects.
+  return img if img.mode == "L" else img.convert("L")
+
+
+def resize_mask_pil_only(path_or_img, size: int) -> np.ndarray:
+  """Mask resized by PIL BILINEAR (soft edges, as the official gt transform): uint8 (size, size)."""
+  img = path_or_img if isinstance(path_or_img, Image.Image) else _open(path_or_img, "mask")
+  return np.asarray(_pil_resize(_mask_as_l(img), size), dtype=np.uint8)
+
+
+def finish_mask_from_resized(resized: np.ndarray, crop: int) -> np.ndarray:
+  """uint8 (R, R) from `resize_mask_pil_only` -> float32 (crop, crop) in [0, 1] (soft)."""
+  if resized.dtype != np.uint8 or resized.ndim != 2:
+    raise ValueError(f"expected a uint8 (H, W) mask, got {resized.dtype} {resized.shape}")
+  return _center_crop(resized, crop).astype(np.float32) / np.float32(255)
+
+
+def load_mask(path: str | os.PathLike | None, resize: int = 448, crop: int = 392) -> np.ndarray:
+  """Mask file -> float32 (crop, crop) in [0, 1]; None (a normal image) -> zeros."""
+  if path is None:
+    return np.zeros((crop, crop), np.float32)
+  return finish_mask_from_resized(resize_mask_pil_only(path, resize), crop)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+  """(width, height) from the file header, without decoding the pixels."""
+  try:
+    with Image.open(path) as img:
+      return img.size
+  except FileNotFoundError as e:
+    raise ImageReadError(f"file not found: {path}") from e
+  except Exception as e:
+    raise ImageReadError(f"cannot read the header of {path}: {type(e).__name__}: {e}") from e

@@ -1,0 +1,64 @@
+"""Dataset readers by name: `read_dataset('mvtec', root, categories, split)` -> list[Sample].
+
+Names: mvtec (alias mvtec_ad), visa, realiad (alias real_iad), demo (what
+`python -m inpformer_jax.data.demo` writes), folder (any MVTec-layout folder), and mpdd / btad
+(MVTec-layout datasets read with `read_folder` under their own name).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+from inpformer_jax.data import folder
+from inpformer_jax.data.folder import DatasetLayoutError, read_folder  # noqa: F401 (re-export)
+from inpformer_jax.data.mvtec import MVTEC_CLASSES, read_mvtec
+from inpformer_jax.data.preprocess import ImageReadError  # noqa: F401 (re-export)
+from inpformer_jax.data.realiad import REALIAD_CLASSES, read_realiad
+from inpformer_jax.data.records import Sample
+from inpformer_jax.data.visa import VISA_CLASSES, read_visa
+
+CLASSES: dict[str, tuple[str, ...]] = {
+    "mvtec": MVTEC_CLASSES,
+    "visa": VISA_CLASSES,
+    "realiad": REALIAD_CLASSES,
+}
+
+
+def read_demo(root: str, categories: Sequence[str] | None = None, split: str = "test", *,
+              check_sizes: bool = True, verify: bool = False) -> list[Sample]:
+  """The generated demo dataset (strict MVTec layout, every class found under root)."""
+  return folder.read_layout(root, categories, split, dataset="demo", good="good",
+                            mask_suffix="_mask", masks_required=True, check_sizes=check_sizes,
+                            verify=verify)
+
+
+READERS: dict[str, Callable[..., list[Sample]]] = {
+    "mvtec": read_mvtec,
+    "visa": read_visa,
+    "realiad": read_realiad,
+    "demo": read_demo,
+    "folder": read_folder,
+    "mpdd": functools.partial(read_folder, dataset="mpdd"),
+    "btad": functools.partial(read_folder, dataset="btad"),
+}
+ALIASES = {"mvtec_ad": "mvtec", "real_iad": "realiad"}
+
+
+def canonical_name(name: str) -> str:
+  key = ALIASES.get(name.lower(), name.lower())
+  if key not in READERS:
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(READERS) + sorted(ALIASES)} "
+                     "(use 'folder' for any dataset in MVTec layout)")
+  return key
+
+
+def read_dataset(name: str, root: str, categories: Sequence[str] | None = None,
+                 split: str = "test", **kw) -> list[Sample]:
+  """Dispatches to the reader of `name`; kw go to it (e.g. resolution=, views= for realiad)."""
+  return READERS[canonical_name(name)](root, categories, split, **kw)
+
+
+def classes_of(samples: Sequence[Sample]) -> list[str]:
+  """Categories in first-seen order."""
+  return list(dict.fromkeys(s.category for s in samples))

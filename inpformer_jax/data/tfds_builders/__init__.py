@@ -1,0 +1,55 @@
+"""TFDS builders writing ArrayRecord shards without TensorFlow: `mvtec_ad`, `visa`, `real_iad`.
+
+Build with `python -m inpformer_jax.data.prepare`; read with `source(...)`, which returns a
+`pipeline.ArrayRecordSource` for `pipeline.train_dataset(source=...)` / `eval_batches(source=...)`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from inpformer_jax.data.tfds_builders.common import (AnomalyBuilder, config_name, make_config,
+                                                     prepare)
+from inpformer_jax.data.tfds_builders.mvtec_ad import MvtecAd
+from inpformer_jax.data.tfds_builders.real_iad import RealIad
+from inpformer_jax.data.tfds_builders.visa import Visa
+
+BUILDERS = {"mvtec_ad": MvtecAd, "visa": Visa, "real_iad": RealIad}
+# The reader names (records.Sample.dataset) are accepted too.
+ALIASES = {"mvtec": "mvtec_ad", "realiad": "real_iad"}
+
+
+def builder_class(name: str) -> type[AnomalyBuilder]:
+  key = ALIASES.get(name, name)
+  if key not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
+  return BUILDERS[key]
+
+
+def builder_dir(data_dir: str, name: str, resize: int = 448,
+                categories: Sequence[str] | None = None, encoding: str = "png",
+                **reader_kwargs) -> str:
+  """Where `prepare` wrote (name, config): <data_dir>/<name>/<config>/<version>."""
+  cls = builder_class(name)
+  config = config_name(resize, tuple(categories or ()), encoding, **reader_kwargs)
+  path = os.path.join(data_dir, cls.name, config, str(cls.VERSION))
+  if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+    raise FileNotFoundError(
+        f"no prepared {cls.name} data at {path}; run python -m inpformer_jax.data.prepare "
+        f"--dataset {cls.name} --manual_dir <dataset root> --data_dir {data_dir} "
+        f"--resize {resize}" + ("" if encoding == "png" else f" --encoding {encoding}"))
+  return path
+
+
+def source(data_dir: str, name: str, split: str, *, resize: int = 448,
+           categories: Sequence[str] | None = None, with_masks: bool = False,
+           encoding: str = "png", **reader_kwargs):
+  """A prepared split as a grain source (`pipeline.ArrayRecordSource`)."""
+  from inpformer_jax.data import pipeline
+  path = builder_dir(data_dir, name, resize, categories, encoding, **reader_kwargs)
+  return pipeline.ArrayRecordSource(path, split, with_masks=with_masks)
+
+
+__all__ = ["AnomalyBuilder", "BUILDERS", "MvtecAd", "RealIad", "Visa", "builder_class",
+           "builder_dir", "config_name", "make_config", "prepare", "source"]

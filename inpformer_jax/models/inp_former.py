@@ -1,0 +1,253 @@
+"""INP-Former: Intrinsic Normal Prototypes extracted from the image itself guide the decoder.
+
+Data flow (SPEC §2), shapes for ViT-B/14-reg at 392: B images (B, 392, 392, 3)
+  encoder blocks 2..9 (raw, no final norm)      8 x (B, 789, 768)
+  drop cls + registers                          8 x (B, 784, 768)
+  fused = mean of the 8 layers                  (B, 784, 768)
+  INP extractor: M tokens cross-attend fused    inps (B, M, 768)
+  coherence loss / distance to nearest INP      (), (B, 784)
+  bottleneck MLP (no residual)                  (B, 784, 768)
+  8 INP-guided decoder blocks                   8 x (B, 784, 768), then REVERSED
+  groups: encoder layers [[0..3],[4..7]] vs reversed decoder outputs [[0..3],[4..7]]
+  en, de                                        2 x (B, 28, 28, 768) each
+
+Parameter names follow the official state dict (`decoder_{j}/attn/q` <-> `decoder.{j}.attn.q`),
+so `weights_conversion/convert_inpformer.py` is a flat table.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+Array = jax.Array
+Dtype = Any
+
+# The official code re-initialises every Linear of the trainable part with
+# trunc_normal_(std=0.01, a=-0.03, b=0.03): cut-offs at +-3 sigma.
+def trunc_normal_init(stddev: float = 0.01, cutoff: float = 3.0):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.truncated_normal(key, -cutoff, cutoff, shape, dtype) * stddev
+  return init
+
+
+_dense = functools.partial(nn.Dense, kernel_init=trunc_normal_init(), bias_init=nn.initializers.zeros)
+# LayerNorm eps is 1e-8 in the extractor and decoder (1e-6 in the encoder).
+_norm = functools.partial(nn.LayerNorm, epsilon=1e-8)
+
+
+class TrainableMlp(nn.Module):
+  """fc1 -> GELU(erf) -> fc2 with the official trunc-normal init. (..., D) -> (..., D)."""
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    x = _dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return _dense(d, dtype=self.dtype, name="fc2")(x)
+
+
+class AggregationAttention(nn.Module):
+  """Softmax cross-attention, queries x (B, M, D) over keys/values y (B, N, D) -> (B, M, D).
+
+  kv output channels are [k (H*d) | v (H*d)] as in the official `kv` Linear.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array) -> Array:
+    b, m, dim = x.shape
+    n = y.shape[1]
+    h = self.num_heads
+    q = _dense(dim, dtype=self.dtype, name="q")(x).reshape(b, m, h, dim // h)
+    kv = _dense(2 * dim, dtype=self.dtype, name="kv")(y).reshape(b, n, 2, h, dim // h)
+    out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])  # scale d**-0.5
+    return _dense(dim, dtype=self.dtype, name="proj")(out.reshape(b, m, dim))
+
+
+class AggregationBlock(nn.Module):
+  """INP extractor block. inps (B, M, D), fused patch tokens (B, N, D) -> inps (B, M, D).
+
+  One LayerNorm (`norm1`) normalises both the queries and the key/value source.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array) -> Array:
+    norm1 = _norm(dtype=self.dtype, name="norm1")
+    x = x + AggregationAttention(self.num_heads, self.dtype, name="attn")(norm1(x), norm1(y))
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    return x + TrainableMlp(hidden, self.dtype, name="mlp")(_norm(dtype=self.dtype, name="norm2")(x))
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+  """torch.nn.functional.normalize: x / max(||x||, eps)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+class PrototypeAttention(nn.Module):
+  """Cosine, ReLU-gated cross-attention of tokens (B, N, D) on INPs (B, M, D) -> (B, N, D).
+
+  q and k are L2-normalised per head, scaled by a learned per-head `learn_scale` (H, 1, 1),
+  passed through ReLU; no softmax and no 1/sqrt(d). The weights (B, H, N, M) are sown as
+  intermediates['attn'].
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, prototypes: Array) -> Array:
+    b, n, dim = x.shape
+    m = prototypes.shape[1]
+    h = self.num_heads
+    learn_scale = self.param("learn_scale", nn.initializers.ones, (h, 1, 1))
+    q = _dense(dim, dtype=self.dtype, name="q")(x).reshape(b, n, h, dim // h)
+    kv = _dense(2 * dim, dtype=self.dtype, name="kv")(prototypes).reshape(b, m, 2, h, dim // h)
+    q, k, v = l2_normalize(q), l2_normalize(kv[:, :, 0]), kv[:, :, 1]
+    attn = jnp.einsum("bnhd,bmhd->bhnm", q, k) * learn_scale.astype(q.dtype)
+    attn = jax.nn.relu(attn)
+    self.sow("intermediates", "attn", attn)
+    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, dim)
+    return _dense(dim, dtype=self.dtype, name="proj")(out)
+
+
+class PrototypeBlock(nn.Module):
+  """INP-guided decoder block. tokens (B, N, D), INPs (B, M, D) -> (B, N, D).
+
+  NO residual around the attention: the output can only be assembled from INP values, so an
+  anomalous token cannot be copied through. Residual around the MLP only.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, prototypes: Array) -> Array:
+    norm1 = _norm(dtype=self.dtype, name="norm1")
+    x = PrototypeAttention(self.num_heads, self.dtype, name="attn")(norm1(x), norm1(prototypes))
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    return x + TrainableMlp(hidden, self.dtype, name="mlp")(_norm(dtype=self.dtype, name="norm2")(x))
+
+
+def cosine_distance(a: Array, b: Array, axis: int = -1, eps: float = 1e-8) -> Array:
+  """1 - cos(a, b) along `axis`, torch F.cosine_similarity semantics (norms clamped at eps)."""
+  dot = jnp.sum(a * b, axis=axis)
+  na = jnp.maximum(jnp.sqrt(jnp.sum(a * a, axis=axis)), eps)
+  nb = jnp.maximum(jnp.sqrt(jnp.sum(b * b, axis=axis)), eps)
+  return 1.0 - dot / (na * nb)
+
+
+def inp_distance(tokens: Array, inps: Array) -> tuple[Array, Array]:
+  """Per-token distance to the nearest INP. tokens (B, N, D), inps (B, M, D) -> (B, N) x 2.
+
+  dist[b, n, m] = 1 - cos(tokens[b, n], inps[b, m]); returns (min over m, argmin over m).
+  """
+  dist = cosine_distance(tokens[:, :, None, :], inps[:, None, :, :])
+  return jnp.min(dist, axis=-1), jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+def _group_means(layers: Sequence[Array], groups: Sequence[Sequence[int]]) -> list[Array]:
+  # Stack-then-mean, as the official fuse_feature does (keeps the summation order).
+  return [jnp.mean(jnp.stack([layers[i] for i in g], axis=1), axis=1) for g in groups]
+
+
+class INPFormer(nn.Module):
+  """INP-Former around a frozen encoder. images (B, S, S, 3) normalised -> outputs dict.
+
+  Attributes:
+    encoder: a DinoViT-like module: `encoder(images, layers)` returns raw token sequences
+      (B, P+N, D) with P = `encoder.num_prefix_tokens` leading cls/register tokens.
+    target_layers: encoder blocks whose outputs are fused ([2..9] for ViT-S/B, [4,6,..,18] for L).
+    fuse_groups: index groups into `target_layers` forming the encoder groups.
+    decoder_groups: index groups into the REVERSED list of decoder outputs.
+    num_inps: M, the number of INP tokens.
+    num_decoder_blocks: decoder depth (8).
+    num_heads: heads of the extractor and decoder (the official code uses the encoder's).
+  """
+  encoder: nn.Module
+  target_layers: Sequence[int] = (2, 3, 4, 5, 6, 7, 8, 9)
+  fuse_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7))
+  decoder_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7))
+  num_inps: int = 6
+  num_decoder_blocks: int = 8
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    dim = self.encoder.width
+    # torch.randn(M, D): standard normal, never re-initialised.
+    self.prototype_token = self.param("prototype_token", nn.initializers.normal(1.0),
+                                      (self.num_inps, dim))
+    self.bottleneck = TrainableMlp(int(dim * self.mlp_ratio), self.dtype, name="bottleneck_0")
+    self.aggregation = AggregationBlock(self.num_heads, self.mlp_ratio, self.dtype,
+                                        name="aggregation_0")
+    self.decoder = [
+        PrototypeBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"decoder_{j}")
+        for j in range(self.num_decoder_blocks)
+    ]
+
+  # -- encoder side -------------------------------------------------------------------
+
+  def encoder_layers(self, images: Array) -> list[Array]:
+    """Patch tokens (B, N, D) of each target layer, cls/registers removed, no gradient."""
+    layers = self.encoder(images, layers=tuple(self.target_layers))
+    p = self.encoder.num_prefix_tokens
+    return [jax.lax.stop_gradient(x[:, p:]) for x in layers]
+
+  def encode(self, images: Array) -> dict:
+    """Encoder side only (what the feature cache stores). -> {"en_tokens", "fused"}.
+
+    en_tokens: list of group means (B, N, D); fused: mean of all target layers (B, N, D).
+    """
+    layers = self.encoder_layers(images)
+    fused = jnp.mean(jnp.stack(layers, axis=1), axis=1)
+    return {"en_tokens": _group_means(layers, self.fuse_groups), "fused": fused}
+
+  # -- INP-Former proper --------------------------------------------------------------
+
+  def decode(self, en_tokens: Sequence[Array], fused: Array) -> dict:
+    """Everything after the encoder. en_tokens: groups (B, N, D); fused (B, N, D)."""
+    b, n, dim = fused.shape
+    side = int(round(n ** 0.5))
+    if side * side != n:
+      raise ValueError(f"{n} patch tokens do not form a square grid")
+    fused = fused.astype(self.dtype)
+    inps = jnp.broadcast_to(self.prototype_token[None], (b, self.num_inps, dim)).astype(fused.dtype)
+    inps = self.aggregation(inps, fused)
+    distance, cluster_index = inp_distance(fused.astype(jnp.float32), inps.astype(jnp.float32))
+    x = self.bottleneck(fused)
+    self.sow("intermediates", "bottleneck", x)
+    de_list = []
+    for blk in self.decoder:
+      x = blk(x, inps)
+      de_list.append(x)
+    self.sow("intermediates", "decoder_blocks", tuple(de_list))
+    de_tokens = _group_means(de_list[::-1], self.decoder_groups)
+    grid = lambda t: t.astype(jnp.float32).reshape(b, side, side, dim)
+    return {
+        "en": [grid(t) for t in en_tokens],
+        "de": [grid(t) for t in de_tokens],
+        "inps": inps.astype(jnp.float32),
+        "fused": fused.astype(jnp.float32),
+        "distance": distance,
+        "cluster_index": cluster_index,
+        "coherence_loss": jnp.mean(distance),
+    }
+
+  def __call__(self, images: Array) -> dict:
+    """images (B, S, S, 3) -> {"en", "de": 2 x (B, h, w, D), "inps" (B, M, D),
+    "distance", "cluster_index" (B, h*w), "coherence_loss" (), "fused" (B, N, D)}."""
+    enc = self.encode(images)
+    return self.decode(enc["en_tokens"], enc["fused"])
