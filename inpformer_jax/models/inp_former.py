@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 Array = jax.Array
@@ -166,27 +167,53 @@ class INPFormer(nn.Module):
   """INP-Former around a frozen encoder. images (B, S, S, 3) normalised -> outputs dict.
 
   Attributes:
-    encoder: a DinoViT-like module: `encoder(images, layers)` returns raw token sequences
-      (B, P+N, D) with P = `encoder.num_prefix_tokens` leading cls/register tokens.
-    target_layers: encoder blocks whose outputs are fused ([2..9] for ViT-S/B, [4,6,..,18] for L).
+    encoder: see `inpformer_jax.models.encoders` for the contract (DinoViT fulfils it).
+    target_layers: encoder layers used ([2..9] for ViT-S/B, [4,6,..,18] for ViT-L).
     fuse_groups: index groups into `target_layers` forming the encoder groups.
     decoder_groups: index groups into the REVERSED list of decoder outputs.
+    fusion: how layers become groups and the fused input.
+      'mean' (the official ViT rule): group = mean of its layers; fused = mean of all
+        layers; every layer has the encoder width D.
+      'concat' (layers of different widths, e.g. CNN stages): group = channel
+        concatenation of its layers (width C_g); fused = concatenation of the groups
+        (width D = sum C_g); the decoder works at D and group g is reconstructed by the
+        channel slice of its decoder group that lines up with C_g. Fixed, not learned.
     num_inps: M, the number of INP tokens.
     num_decoder_blocks: decoder depth (8).
     num_heads: heads of the extractor and decoder (the official code uses the encoder's).
   """
   encoder: nn.Module
-  target_layers: Sequence[int] = (2, 3, 4, 5, 6, 7, 8, 9)
+  target_layers: Sequence = (2, 3, 4, 5, 6, 7, 8, 9)
   fuse_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7))
   decoder_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7))
+  fusion: str = "mean"
   num_inps: int = 6
   num_decoder_blocks: int = 8
   num_heads: int = 12
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
 
+  def group_dims(self) -> list[int]:
+    """Width of each encoder group; the fused width is their max ('mean') or sum."""
+    dims = self.encoder.feature_dims(tuple(self.target_layers))
+    if self.fusion == "mean":
+      if len(set(dims)) != 1:
+        raise ValueError(f"fusion='mean' needs layers of one width, got {dims}; "
+                         "use fusion='concat'")
+      return [dims[0]] * len(self.fuse_groups)
+    if self.fusion == "concat":
+      return [sum(dims[i] for i in g) for g in self.fuse_groups]
+    raise ValueError(f"unknown fusion {self.fusion!r}; choose 'mean' or 'concat'")
+
+  @property
+  def embed_dim(self) -> int:
+    dims = self.group_dims()
+    return dims[0] if self.fusion == "mean" else sum(dims)
+
   def setup(self):
-    dim = self.encoder.width
+    dim = self.embed_dim
+    if dim % self.num_heads:
+      raise ValueError(f"fused width {dim} is not divisible by {self.num_heads} heads")
     # torch.randn(M, D): standard normal, never re-initialised.
     self.prototype_token = self.param("prototype_token", nn.initializers.normal(1.0),
                                       (self.num_inps, dim))
@@ -201,7 +228,7 @@ class INPFormer(nn.Module):
   # -- encoder side -------------------------------------------------------------------
 
   def encoder_layers(self, images: Array) -> list[Array]:
-    """Patch tokens (B, N, D) of each target layer, cls/registers removed, no gradient."""
+    """Patch tokens (B, N, C_i) of each target layer, prefix tokens removed, no gradient."""
     layers = self.encoder(images, layers=tuple(self.target_layers))
     p = self.encoder.num_prefix_tokens
     return [jax.lax.stop_gradient(x[:, p:]) for x in layers]
@@ -209,16 +236,19 @@ class INPFormer(nn.Module):
   def encode(self, images: Array) -> dict:
     """Encoder side only (what the feature cache stores). -> {"en_tokens", "fused"}.
 
-    en_tokens: list of group means (B, N, D); fused: mean of all target layers (B, N, D).
+    en_tokens: one (B, N, C_g) array per group; fused: the decoder's input (B, N, D).
     """
     layers = self.encoder_layers(images)
+    if self.fusion == "concat":
+      groups = [jnp.concatenate([layers[i] for i in g], axis=-1) for g in self.fuse_groups]
+      return {"en_tokens": groups, "fused": jnp.concatenate(groups, axis=-1)}
     fused = jnp.mean(jnp.stack(layers, axis=1), axis=1)
     return {"en_tokens": _group_means(layers, self.fuse_groups), "fused": fused}
 
   # -- INP-Former proper --------------------------------------------------------------
 
   def decode(self, en_tokens: Sequence[Array], fused: Array) -> dict:
-    """Everything after the encoder. en_tokens: groups (B, N, D); fused (B, N, D)."""
+    """Everything after the encoder. en_tokens: groups (B, N, C_g); fused (B, N, D)."""
     b, n, dim = fused.shape
     side = int(round(n ** 0.5))
     if side * side != n:
@@ -235,7 +265,10 @@ class INPFormer(nn.Module):
       de_list.append(x)
     self.sow("intermediates", "decoder_blocks", tuple(de_list))
     de_tokens = _group_means(de_list[::-1], self.decoder_groups)
-    grid = lambda t: t.astype(jnp.float32).reshape(b, side, side, dim)
+    if self.fusion == "concat":
+      offsets = np.cumsum([0] + [t.shape[-1] for t in en_tokens])
+      de_tokens = [d[..., offsets[g]:offsets[g + 1]] for g, d in enumerate(de_tokens)]
+    grid = lambda t: t.astype(jnp.float32).reshape(b, side, side, t.shape[-1])
     return {
         "en": [grid(t) for t in en_tokens],
         "de": [grid(t) for t in de_tokens],
@@ -247,7 +280,7 @@ class INPFormer(nn.Module):
     }
 
   def __call__(self, images: Array) -> dict:
-    """images (B, S, S, 3) -> {"en", "de": 2 x (B, h, w, D), "inps" (B, M, D),
+    """images (B, S, S, 3) -> {"en", "de": groups (B, h, w, C_g), "inps" (B, M, D),
     "distance", "cluster_index" (B, h*w), "coherence_loss" (), "fused" (B, N, D)}."""
     enc = self.encode(images)
     return self.decode(enc["en_tokens"], enc["fused"])

@@ -242,6 +242,15 @@ class DinoViT(nn.Module):
   def num_prefix_tokens(self) -> int:
     return 1 + self.num_register_tokens
 
+  def feature_dims(self, layers: Sequence[int]) -> list[int]:
+    return [self.width] * len(layers)
+
+  def grid_size(self, image_size: int) -> int:
+    if image_size % self.patch_size:
+      raise ValueError(f"image size {image_size} is not a multiple of the patch size "
+                       f"{self.patch_size}")
+    return image_size // self.patch_size
+
   def setup(self):
     d = self.width
     init = nn.initializers.normal(0.02)

@@ -1,0 +1,102 @@
+"""Frozen-encoder feature cache: the encoder's outputs for every training image, computed once.
+
+The encoder is frozen and the official recipes have no random training augmentation, so the
+two encoder feature groups and their fused mean (what `INPFormer.decode` starts from) are the
+same at every epoch: training from them is exact, not an approximation, and takes the
+encoder's forward pass out of the loop. Per image: 3 arrays (h*w, D) float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from inpformer_jax import sharding
+
+CACHE_KEYS = ("g0", "g1", "fused")
+
+
+def build_feature_cache(model, params, source, config, mesh, workdir) -> tuple[dict, bool]:
+  """Encoder features of every training image, in source order.
+
+  -> ({"g0", "g1", "fused": (N, n_tok, D)}, on_device). On device (replicated) when the three
+  arrays fit in config.train.cache_device_bytes, else float32 .npy files memory-mapped from
+  config.train.cache_dir (default WORKDIR/feature_cache), reused by later runs of the same
+  data and encoder.
+  """
+  from inpformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from inpformer_jax.models.inp_former import INPFormer  # pylint: disable=g-import-not-at-top
+  import grain  # pylint: disable=g-import-not-at-top
+
+  src = (pipeline.ArraySource(source) if isinstance(source, np.ndarray)
+         else pipeline.PathSource(source, config.data.resize))
+  n = len(src)
+  s = config.data.crop
+  enc_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=INPFormer.encode))
+  shapes = jax.eval_shape(enc_fn, params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+  tok_shape = tuple(shapes["fused"].shape[1:])
+  nbytes = 3 * n * int(np.prod(tok_shape)) * 4
+  on_device = nbytes <= config.train.cache_device_bytes
+  meta = {"n": n, "tok_shape": tok_shape, "encoder": config.model.encoder,
+          "weights": str(config.model.encoder_weights), "resize": config.data.resize, "crop": s,
+          "source": _source_fingerprint(source)}
+  cache_dir = Path(config.train.cache_dir or Path(workdir) / "feature_cache")
+  if not on_device and (cache_dir / "meta.json").is_file():
+    if json.loads((cache_dir / "meta.json").read_text()) == json.loads(json.dumps(meta)):
+      logging.info("feature cache: reusing %s", cache_dir)
+      return {k: np.load(cache_dir / f"{k}.npy", mmap_mode="r") for k in CACHE_KEYS}, False
+  if on_device:
+    out = {k: np.zeros((n, *tok_shape), np.float32) for k in CACHE_KEYS}
+  else:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "meta.json").unlink(missing_ok=True)
+    out = {k: np.lib.format.open_memmap(cache_dir / f"{k}.npy", mode="w+", dtype=np.float32,
+                                        shape=(n, *tok_shape)) for k in CACHE_KEYS}
+  bs = config.train.batch_size
+  ds = grain.MapDataset.source(src).map(pipeline.Finish(s)).batch(bs).to_iter_dataset()
+  repl = sharding.replicated(mesh)
+  pos = 0
+  for batch in tqdm.tqdm(ds, total=math.ceil(n / bs), desc="feature cache",
+                         disable=jax.process_index() != 0, dynamic_ncols=True):
+    images = np.asarray(batch["image"])
+    b = len(images)
+    if b < bs:  # pad the last batch: one compiled shape.
+      images = np.concatenate([images, np.zeros((bs - b, s, s, 3), np.float32)])
+    feats = jax.device_get(enc_fn(params, jax.device_put(images, repl)))
+    for k, v in zip(CACHE_KEYS, [*feats["en_tokens"], feats["fused"]]):
+      out[k][pos:pos + b] = np.asarray(v)[:b]
+    pos += b
+  logging.info("feature cache: %d images, %.1f MiB, %s", n, nbytes / 2**20,
+               "in device memory" if on_device else f"memory-mapped in {cache_dir}")
+  if on_device:
+    return {k: jax.device_put(v, repl) for k, v in out.items()}, True
+  for v in out.values():
+    v.flush()
+  (cache_dir / "meta.json").write_text(json.dumps(meta))
+  return {k: np.load(cache_dir / f"{k}.npy", mmap_mode="r") for k in CACHE_KEYS}, False
+
+
+def _source_fingerprint(source) -> str:
+  h = hashlib.sha1()
+  if isinstance(source, np.ndarray):
+    h.update(np.ascontiguousarray(source).tobytes())
+  else:
+    for s in source:
+      h.update(s.image_path.encode())
+  return h.hexdigest()
+
+
+def index_stream(n: int, global_batch: int, seed: int):
+  """The sample positions of `pipeline.train_dataset`'s batches (same seeded order)."""
+  import grain  # pylint: disable=g-import-not-at-top
+  ds = grain.MapDataset.range(n).seed(seed).shuffle().repeat()
+  ds = ds.map(lambda i: {"index": np.int64(i)}).batch(global_batch, drop_remainder=True)
+  return ds.to_iter_dataset()
