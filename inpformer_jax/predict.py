@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import functools
 import glob
 import hashlib
 import json
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from inpformer_jax import calibration as calib_lib
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CALIBRATION_FILE = "calibration.json"
@@ -114,14 +117,10 @@ def _load_workdir(p: Path, *, image_size, resize):
     raise CheckpointError(f"--image-size {image_size}: the model in {p} was trained at "
                           f"{config.data.crop}; drop --image-size for a training workdir")
   model = factory.build_model(config.model)
-  params = factory.init_params(model, config.model, jax.random.PRNGKey(config.seed),
-                               config.data.crop)
-  encoder, trainable = factory.split_params(params)
+  crop = config.data.crop
+  abstract_trainable = jax.eval_shape(
+      lambda: factory.init_trainable(model, jax.random.PRNGKey(0), crop))
   init_from = config.get("init_from", None)
-  if init_from and ckpt_lib.find_params(init_from) == "params_dir":
-    loaded, _ = ckpt_lib.load_params(init_from)
-    if "encoder" in loaded:  # as train._init_from_params_dir: the model's entries only.
-      encoder = _take_like(encoder, loaded["encoder"])
   mngr = ocp.CheckpointManager(p / ckpt_lib.CKPT_SUBDIR)
   step = None
   try:
@@ -143,7 +142,8 @@ def _load_workdir(p: Path, *, image_size, resize):
                                 resize=config.data.resize)
     raise CheckpointError(f"{p}/ckpt holds no readable checkpoint; train first "
                           "(python -m inpformer_jax.main --workdir ...)")
-  factory.check_same_structure(factory.split_params(params)[1], trainable, "trainable")
+  factory.check_same_structure(abstract_trainable, trainable, "trainable")
+  encoder = _workdir_encoder(p, config, model)
   info = {
       "kind": "workdir", "path": str(p), "step": int(step),
       "checkpoint_id": _short_hash(f"{p}|step={step}"),
@@ -154,10 +154,45 @@ def _load_workdir(p: Path, *, image_size, resize):
   return model, factory.merge_params(encoder, trainable), info
 
 
+def _workdir_encoder(p: Path, config, model):
+  """The frozen encoder of a run (the checkpoint holds only the trainable params).
+
+  Resolved as the trainer resolves it: WORKDIR/encoder/ (a params dir, if the trainer saved
+  one), config.init_from's params dir when it carries an encoder, config.model.encoder_weights
+  (a name / file / params dir), and for 'random' the seeded init of factory.init_params --
+  reproducible only with the code version and seed that trained the run.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from inpformer_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from inpformer_jax.models import factory  # pylint: disable=g-import-not-at-top
+  crop = config.data.crop
+  expected = jax.eval_shape(lambda: model.encoder.init(
+      jax.random.PRNGKey(0), jax.numpy.zeros((1, crop, crop, 3)),
+      layers=tuple(model.target_layers)))["params"]
+  init_from = config.get("init_from", None)
+  if (p / "encoder" / ckpt_lib.META_FILE).is_file():
+    loaded, _ = ckpt_lib.load_params(p / "encoder")
+    encoder = loaded.get("encoder", loaded)
+  elif (init_from and ckpt_lib.find_params(init_from) == "params_dir"
+        and "encoder" in ckpt_lib.load_params(init_from)[0]):
+    encoder = ckpt_lib.load_params(init_from)[0]["encoder"]
+  elif config.model.get("encoder_weights", None) == "random":
+    print(f"NOTE: {p} was trained with a RANDOM encoder; it is rebuilt from seed "
+          f"{config.seed} (valid for the code version that trained it)", file=sys.stderr)
+    params = factory.init_params(model, config.model, jax.random.PRNGKey(config.seed), crop)
+    return factory.split_params(params)[0]
+  else:
+    encoder = factory.load_encoder_params(config.model)
+  # Unused entries (official checkpoints carry blocks the model never runs) are dropped.
+  encoder = _take_like(expected, encoder)
+  factory.check_same_structure(expected, encoder, "encoder")
+  return encoder
+
+
 def _take_like(expected, got):
   if isinstance(expected, dict):
-    return {k: _take_like(v, got[k]) for k, v in expected.items()}
-  return np.asarray(got, np.asarray(expected).dtype)
+    return {k: _take_like(v, got[k]) for k, v in expected.items() if k in got}
+  return np.asarray(got, expected.dtype)
 
 
 def calibration_path(checkpoint: str | os.PathLike) -> Path:
@@ -206,6 +241,15 @@ def forward(model, params, images, *, image_size: int, map_kind: str = "reconstr
   return amap, am.image_score(amap, top_ratio)
 
 
+@functools.lru_cache(maxsize=8)
+def jitted_forward(model, image_size: int, map_kind: str, top_ratio: float):
+  """One jitted `forward` per (model, settings): equal models (flax modules compare by their
+  fields) share it, so calibrate + predict in one process compile once per batch shape."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(functools.partial(forward, model, image_size=image_size, map_kind=map_kind,
+                                   top_ratio=top_ratio))
+
+
 class Predictor:
   """Fixed-batch jitted inference: `predictor(images (n <= batch, S, S, 3))` -> (maps, scores).
 
@@ -214,12 +258,10 @@ class Predictor:
 
   def __init__(self, model, params, *, image_size: int, batch_size: int = 8,
                map_kind: str = "reconstruction", top_ratio: float = 0.01):
-    import functools  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     self.batch_size, self.image_size = batch_size, image_size
     self.params = jax.device_put(params)
-    self._fn = jax.jit(functools.partial(forward, model, image_size=image_size,
-                                         map_kind=map_kind, top_ratio=top_ratio))
+    self._fn = jitted_forward(model, image_size, map_kind, top_ratio)
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(images)
@@ -232,7 +274,7 @@ class Predictor:
     return np.asarray(maps)[:n], np.asarray(scores)[:n]
 
   def compilations(self) -> int:
-    """How many programs were compiled (1 after any number of calls)."""
+    """How many programs the (shared) jitted forward holds: one per batch shape used."""
     return self._fn._cache_size()  # pylint: disable=protected-access
 
 
@@ -321,7 +363,7 @@ def _load(path: str, resize: int, crop: int):
     return None, str(e)
 
 
-def _batches(files: Sequence[str], size: int, resize: int, crop: int, workers: int = 4
+def load_batches(files: Sequence[str], size: int, resize: int, crop: int, workers: int = 4
              ) -> Iterable[list[tuple[int, Any, str | None]]]:
   """Decoded in a thread pool (PIL releases the GIL), one batch ahead of the device."""
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -365,7 +407,7 @@ def predict(checkpoint: str, inputs: Sequence[str], output: str, *, batch_size: 
   rows = []
   bar = tqdm.tqdm(total=len(files), desc="predict", unit="img", disable=not progress,
                   dynamic_ncols=True)
-  for batch in _batches(files, batch_size, info["resize"], crop):
+  for batch in load_batches(files, batch_size, info["resize"], crop):
     ok = [(i, im) for i, im, err in batch if im is not None]
     for i, _, err in batch:
       if err is not None:
@@ -381,7 +423,7 @@ def predict(checkpoint: str, inputs: Sequence[str], output: str, *, batch_size: 
                "map_file": os.path.relpath(map_file, out), "map_scale": scale,
                "map_max": float(amap.max())}
         if norm:
-          row["score_normalized"] = normalize(float(score), norm)
+          row["score_normalized"] = float(calib_lib.normalize(float(score), norm))
         if thr is not None:
           row["threshold"] = thr
           row["decision"] = "anomalous" if score > thr else "normal"
@@ -401,12 +443,6 @@ def predict(checkpoint: str, inputs: Sequence[str], output: str, *, batch_size: 
   _write_tables(out, rows, failed, info, thr)
   return {"rows": rows, "failed": failed, "info": info, "threshold": thr,
           "compilations": predictor.compilations()}
-
-
-def normalize(score: float, norm: dict) -> float:
-  """Min-max normalisation recorded in calibration.json, clipped to [0, 1]."""
-  lo, hi = norm["min"], norm["max"]
-  return float(np.clip((score - lo) / max(hi - lo, 1e-12), 0.0, 1.0))
 
 
 def _resolve_threshold(threshold, cal, info) -> float | None:

@@ -174,6 +174,19 @@ def resolve_params_dir(name_or_path: str | os.PathLike) -> Path:
                           "existing checkpoint file or converted params directory")
 
 
+def find_local(names=("dinov2reg_vit_small_14", "dinov2reg_vit_base_14")) -> str | None:
+  """A DINOv2 encoder usable WITHOUT network: $INPFORMER_DINOV2, else the first of `names`
+  already in the cache (downloaded or converted). None when there is none."""
+  env = os.environ.get("INPFORMER_DINOV2")
+  if env:
+    return env
+  for name in names:
+    if ((cache_dir() / name / checkpoint.META_FILE).is_file()
+        or (cache_dir() / Path(MODEL_FILES[name]).name).is_file()):
+      return name
+  return None
+
+
 def _file_key(path: Path) -> str:
   st = path.resolve().stat()
   return f"{st.st_size:x}{int(st.st_mtime_ns):x}"[-16:]

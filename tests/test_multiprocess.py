@@ -1,0 +1,122 @@
+"""Multi-host training through jax.distributed, on one machine: two processes x 4 CPU devices
+(gloo collectives, coordinator on 127.0.0.1) run the demo runlocal config through the CLI and
+must write the same train_metrics.jsonl and results as one process, one checkpoint, and an
+evaluation that counts every test image once (padding included: 2 x 8 rows per batch).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import demo as demo_config  # noqa: E402
+from inpformer_jax import train  # noqa: E402
+from inpformer_jax.data import demo as demo_data  # noqa: E402
+from inpformer_jax.data import readers  # noqa: E402
+
+CLASSES = ("brick", "grass")
+# The global batches divide over 8 devices; eval 16 rows per batch leaves padding rows.
+OVER = {"train.batch_size": 8, "eval.batch_size": 16, "train.total_steps": 3,
+        "train.log_every_steps": 1, "train.checkpoint_every_steps": 3,
+        "eval.num_overlays": 0, "data.categories.demo": ",".join(CLASSES)}
+ROW_KEYS = ("loss", "reconstruction", "coherence", "grad_norm", "lr")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("demo_data"))
+  demo_data.make_demo_dataset(root, seed=0, classes=CLASSES, n_train=8, n_good=3,
+                              n_per_defect=2)
+  return root
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _rows(workdir):
+  return [json.loads(l) for l in (Path(workdir) / "train_metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # two CLI processes + one in-process run: ~2 min on 2 loaded cores.
+def test_two_processes_equal_one(data, tmp_path):
+  cache = str(tmp_path / "jax_cache")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+             JAX_NUM_PROCESSES="2", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cmd = [sys.executable, "-m", "inpformer_jax.main",
+         "--config", f"{REPO}/configs/demo.py:runlocal=True", "--mode", "train_and_eval",
+         "--workdir", str(tmp_path / "two"), f"--config.data.roots.demo={data}",
+         *[f"--config.{k}={v}" for k, v in OVER.items()]]
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=400)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  assert "| **Mean** |" in outs[0] and "| **Mean** |" not in outs[1]  # process 0 reports
+
+  # The same run in this process: one process, one device.
+  config = demo_config.get_config("runlocal=True")
+  with config.unlocked():
+    config.data.roots.demo = data
+  for k, v in OVER.items():
+    *parents, leaf = k.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    train.train_and_evaluate(config, str(tmp_path / "one"))
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
+
+  # Metrics rows: written once (process 0), equal to the one-process run.
+  one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+  assert [r["step"] for r in two] == [1, 2, 3]
+  for a, b in zip(one, two):
+    for k in ROW_KEYS:
+      # grad_norm sums ~1e4 float32 squares in a device-dependent order: rtol 1e-5.
+      rtol = 1e-5 if k == "grad_norm" else 1e-6
+      np.testing.assert_allclose(b[k], a[k], rtol=rtol, atol=1e-6, err_msg=k)
+
+  # One checkpoint, written by orbax's multi-process protocol (both processes' data
+  # iterator states in it).
+  ckpt = tmp_path / "two" / "ckpt"
+  assert sorted(p.name for p in ckpt.iterdir() if not p.name.startswith(".")) == ["3"]
+  data_files = sorted(p.name for p in (ckpt / "3" / "data").iterdir())
+  assert len(data_files) == 2, data_files
+
+  # Evaluation: the same per-class metrics. Image metrics are exact functions of the image
+  # scores (a padding row or a twice-counted image would change them); pixel metrics go
+  # through the 200-bin histograms, whose edges move with float noise of 1e-7 in the maps.
+  r1 = json.loads((tmp_path / "one" / "results.json").read_text())["datasets"]["demo"]
+  r2 = json.loads((tmp_path / "two" / "results.json").read_text())["datasets"]["demo"]
+  assert set(r1["classes"]) == set(r2["classes"]) == set(CLASSES)
+  for c in CLASSES:
+    for k, v in r1["classes"][c].items():
+      tol = 1e-6 if k.startswith("I-") else 1e-5
+      assert r2["classes"][c][k] == pytest.approx(v, abs=tol), (c, k)
+  n_test = len(readers.read_dataset("demo", data, list(CLASSES), "test"))
+  assert n_test % 16, "the test set should not fill whole batches (padding is tested)"
