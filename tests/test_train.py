@@ -239,6 +239,9 @@ def test_multi_class_two_steps_writes_reports(multi_class_run):
   assert [r["category"] for r in table] == ["bottle", "cable", "Mean"]
   assert float(table[0]["AUPRO"]) == pytest.approx(classes["bottle"]["AUPRO"], abs=1e-6)
   assert report["datasets"]["mvtec"]["mean"] == on_disk["datasets"]["mvtec"]["mean"]
+  # the same rows as TensorBoard event files
+  events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert events and events[0].stat().st_size > 0
 
 
 def test_eval_mode_restores_the_checkpoint(multi_class_run, data):
