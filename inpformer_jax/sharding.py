@@ -46,8 +46,6 @@ DEFAULT_FSDP_RULES = ((r".*", "auto"),)
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
-# Schedulers that jax.distributed.initialize() detects by itself (no arguments needed).
-_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 
 class MeshError(ValueError):
@@ -64,8 +62,9 @@ def distributed_settings(config=None, environ=None) -> dict | None:
 
   Sources, first wins per field: `config.distributed.{coordinator_address, num_processes,
   process_id}` (if the config has them), then $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES /
-  $JAX_PROCESS_ID. `config.multihost=True` (or a detected SLURM / Open MPI / TPU job with
-  `config.multihost`) with nothing set lets JAX auto-detect the cluster.
+  $JAX_PROCESS_ID. A coordinator address, or `config.multihost=True`, switches it on;
+  `config.multihost=True` with nothing else set lets JAX detect the cluster (SLURM, Open MPI,
+  Cloud TPU) by itself.
   """
   env = os.environ if environ is None else environ
   dist = getattr(config, "distributed", None) if config is not None else None
@@ -86,13 +85,12 @@ def distributed_settings(config=None, environ=None) -> dict | None:
           f"{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID} (or config.distributed) are set but no "
           f"coordinator address: set {ENV_COORDINATOR}=host:port (the address of process 0)")
     return None
-  if kw["coordinator_address"] is not None and (kw["num_processes"] is None) != (
-      kw["process_id"] is None):
+  if (kw["num_processes"] is None) != (kw["process_id"] is None):
     raise MeshError(f"set both {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (or neither, to let "
-                     f"JAX detect them from the cluster scheduler)")
+                    f"JAX detect them from the cluster scheduler)")
   if kw["num_processes"] is not None and not 0 <= kw["process_id"] < kw["num_processes"]:
     raise MeshError(f"process_id={kw['process_id']} is not in [0, "
-                     f"num_processes={kw['num_processes']})")
+                    f"num_processes={kw['num_processes']})")
   return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -122,23 +120,18 @@ def initialize_distributed(config=None) -> bool:
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
   """config.mesh {data, fsdp} (-1: the rest) -> (data, fsdp) checked against the devices."""
-  fsdp = int(getattr(mesh_config, "fsdp", 1) or 1)
-  data = int(getattr(mesh_config, "data", -1) or -1)
-  if fsdp == -1 and data == -1:
+  sizes = {"data": int(getattr(mesh_config, "data", -1) or -1),
+           "fsdp": int(getattr(mesh_config, "fsdp", 1) or 1)}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
     raise MeshError("config.mesh.data and config.mesh.fsdp are both -1: fix one of them")
-  if fsdp == -1:
-    fsdp, data = data, fsdp  # solve for fsdp below with the roles swapped
-    swapped = True
-  else:
-    swapped = False
-  if fsdp <= 0 or num_devices % fsdp:
-    name = "data" if swapped else "fsdp"
-    raise MeshError(f"config.mesh.{name}={fsdp} does not divide the {num_devices} devices; "
-                     f"choose a divisor of {num_devices}")
-  if data == -1:
-    data = num_devices // fsdp
-  if swapped:
-    data, fsdp = fsdp, data
+  if free:
+    (other,) = [k for k in sizes if k != free[0]]
+    if sizes[other] <= 0 or num_devices % sizes[other]:
+      raise MeshError(f"config.mesh.{other}={sizes[other]} does not divide the {num_devices} "
+                      f"devices; choose a divisor of {num_devices}")
+    sizes[free[0]] = num_devices // sizes[other]
+  data, fsdp = sizes["data"], sizes["fsdp"]
   if data * fsdp != num_devices:
     raise MeshError(
         f"config.mesh: data={data} x fsdp={fsdp} = {data * fsdp} devices, but "
@@ -181,8 +174,8 @@ def check_batch_size(global_batch_size: int, mesh, what: str = "config.train.bat
         f"--{what}={up} (a multiple of {n}) or run on fewer devices (--config.mesh.data=...)")
   if global_batch_size % jax.process_count():
     raise MeshError(f"{what}={global_batch_size} does not divide over the "
-                     f"{jax.process_count()} processes; choose a multiple of "
-                     f"{jax.process_count()}")
+                    f"{jax.process_count()} processes; choose a multiple of "
+                    f"{jax.process_count()}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,7 +228,7 @@ def param_shardings(tree: Any, mesh, rules: Sequence[tuple[str, Any]] = (), *,
       if isinstance(spec, str):
         if spec != "auto":
           raise MeshError(f"config.mesh.param_rules: spec {spec!r} for {regex.pattern!r} is "
-                           f"neither 'auto' nor a tuple of mesh axes / None")
+                          f"neither 'auto' nor a tuple of mesh axes / None")
         return NamedSharding(mesh, auto_spec(shape, fsdp_size, min_size))
       spec = tuple(spec)
       if len(spec) > len(shape):
@@ -243,7 +236,7 @@ def param_shardings(tree: Any, mesh, rules: Sequence[tuple[str, Any]] = (), *,
       for ax in spec:
         if ax is not None and ax not in mesh.shape:
           raise MeshError(f"config.mesh.param_rules: axis {ax!r} (rule {regex.pattern!r}) "
-                           f"is not a mesh axis; use one of {tuple(mesh.shape)} or None")
+                          f"is not a mesh axis; use one of {tuple(mesh.shape)} or None")
       ok = all(ax is None or shape[i] % mesh.shape[ax] == 0 for i, ax in enumerate(spec))
       return NamedSharding(mesh, P(*spec)) if ok else replicated(mesh)
     return replicated(mesh)
@@ -275,8 +268,8 @@ _COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all",
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
-# `%name = f32[8,64]{1,0} op(...)`, the result possibly a tuple `(f32[4]{0}, bf16[2,2]{1,0})`.
-_DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|[a-z][a-z0-9]*\[[0-9,]*\]"
+# `%name = f32[8,64]{1,0} op(...)`, the result possibly a tuple `(f32[4]{0}, /*index=1*/...)`.
+_DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^()]*\)|[a-z][a-z0-9]*\[[0-9,]*\]"
                      r"(?:\{[^}]*\})?)\s+([a-z][\w\-]*)\(")
 _SHAPE_RE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _NAME_RE = re.compile(r"%([\w.\-]+)")

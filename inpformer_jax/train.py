@@ -464,6 +464,14 @@ def _run_on_mesh(config, workdir, mode, r, info, source, total_steps, test_specs
   if info["encoder_weights"] == "random":
     _warn("NOTE: the encoder has RANDOM weights (config.model.encoder_weights='random'); "
           "the metrics show the pipeline works, not what INP-Former achieves.")
+  if info["encoder_weights"] == "random" and jax.process_index() == 0:
+    # A random encoder cannot be reloaded by name: keep it beside the checkpoints so
+    # `inpformer_jax.predict` rebuilds exactly this model.
+    enc_dir = Path(workdir) / "encoder"
+    if not (enc_dir / ckpt_lib.META_FILE).is_file():
+      ckpt_lib.save_params(enc_dir, jax.device_get(encoder),
+                           {"kind": "encoder", "encoder": config.model.encoder,
+                            "weights": "random", "seed": config.seed})
   encoder = jax.device_put(encoder, r.encoder_sh)
 
   ck = ckpt_lib.TrainCheckpointer(workdir, max_to_keep=config.train.max_to_keep,

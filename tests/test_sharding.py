@@ -135,7 +135,7 @@ def test_collective_bytes_from_hlo():
       "  %all-reduce = f32[8,64]{1,0} all-reduce(%dot.1), channel_id=2, to_apply=%add",
       "  %a = f32[4]{0} parameter(2)",
       "  %b = bf16[2,2]{1,0} parameter(3)",
-      "  %ars = (f32[4]{0}, bf16[2,2]{1,0}) all-reduce-start(%a, %b), to_apply=%add",
+      "  %ars = (f32[4]{0}, /*index=1*/bf16[2,2]{1,0}) all-reduce-start(%a, %b), to_apply=%add",
       "  %ard = (f32[4]{0}, bf16[2,2]{1,0}) all-reduce-done(%ars)",
       "  %all-gather = f32[32,16]{1,0} all-gather(%param.1), dimensions={0}",
       "  ROOT %rs = f32[2,16]{1,0} reduce-scatter(f32[8,16]{1,0} %param.1), dimensions={0}",
