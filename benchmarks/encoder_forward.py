@@ -3,8 +3,8 @@ r"""Images/s of the Flax DINOv2 encoder vs the same PyTorch model, in one run.
   python benchmarks/encoder_forward.py --batch 4 --iters 5 --size 392 --variant base
 
 Random weights (speed does not depend on them). Flax runs float32 and bfloat16 compute;
-torch runs float32 (its reference `tests/torch_dinov2_ref.py`, explicit-matmul attention
-as in DINOv2 without xFormers, and torch's fused SDPA as timm uses it). Flax runs its default
+torch runs float32 (the DINOv2 of `benchmarks/torch_reference/inpformer_torch.py`, explicit-matmul
+attention as in DINOv2 without xFormers, and torch's fused SDPA as timm uses it). Flax runs its default
 attention (jax.nn.dot_product_attention) and `explicit` (DINOv2's formulation). Both run the blocks INP-Former needs
 (0..9 of 12) unless --layers says otherwise. On the CPU the XLA flags from
 `inpformer_jax.xla_flags.configure_cpu_flags` are set first unless XLA_FLAGS is already set
@@ -85,9 +85,9 @@ def main():
   # on a shared machine the load drifts, and timing one after the other would bias the ratio.
   runners = {}
   for variant in [v for v in args.torch.split(",") if v]:
-    def run_torch(fused=variant == "sdpa"):
+    def run_torch(impl="sdpa" if variant == "sdpa" else "official"):
       for blk in tmodel.blocks:
-        blk.attn.fused = fused
+        blk.attn.attn_impl = impl
       with torch.inference_mode():
         return tmodel(xt, layers)
     runners[f"torch float32 ({variant})"] = run_torch

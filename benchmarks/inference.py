@@ -48,17 +48,6 @@ def build(variant: str, image_size: int, dtype: str):
   return model, jax.device_put(params)
 
 
-def _time(fn, warmup: int, steps: int) -> list[float]:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return times
-
-
 def jax_times(model, params, image_size, batch, steps, warmup, exported: bool) -> list[float]:
   info = {"image_size": image_size, "map_kind": "reconstruction", "top_ratio": 0.01}
   fn = export_lib.serving_fn(model, **info)
@@ -72,7 +61,8 @@ def jax_times(model, params, image_size, batch, steps, warmup, exported: bool) -
     call = jax.jit(fn)
   x = np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3))
   x = x.astype(np.float32)
-  return _time(lambda: jax.block_until_ready(call(params, x)), warmup, steps)
+  from benchmarks.torch_reference.bench import time_calls  # pylint: disable=g-import-not-at-top
+  return time_calls(lambda: jax.block_until_ready(call(params, x)), warmup, steps)
 
 
 def torch_times(variant, image_size, batch, steps, warmup, bf16, threads) -> list[float]:

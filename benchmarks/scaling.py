@@ -65,6 +65,8 @@ def worker(args) -> dict:
     c.data.crop = args.image
     c.train.batch_size = args.per_device_batch * n
     c.mesh.fsdp = fsdp
+    if fsdp > 1:  # every leaf of at least --fsdp-min-size elements sharded
+      c.mesh.param_rules = ((r".*", f"auto:{args.fsdp_min_size}"),)
     r = train.get_recipe(c, total_steps=1_000_000)
     mesh = r.mesh
     batch = c.train.batch_size
@@ -142,6 +144,9 @@ def main(argv=None):
   p.add_argument("--attention", default="xla", choices=("xla", "cudnn"))
   p.add_argument("--cache", default="off,on", help="feature cache settings: off,on")
   p.add_argument("--fsdp", default="1,2", help="fsdp axis sizes to time (those dividing N)")
+  p.add_argument("--fsdp-min-size", type=int, default=1024,
+                 help="FSDP shards leaves of at least this many elements (the trainer's "
+                      "default is 65536; the tiny CPU model needs a lower one)")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--timeout", type=int, default=900, help="seconds per device count")

@@ -49,21 +49,38 @@ def nearest_resize_masks(masks: np.ndarray, size: int = MAP_SIZE) -> np.ndarray:
 
 def make_eval_step(model, *, image_size: int, map_kind: str, top_ratio: float, mesh):
   """jitted (params, images (B,S,S,3)) -> (maps (B,256,256), scores (B,)), batch-sharded."""
-  from inpformer_jax import anomaly_map as am  # pylint: disable=g-import-not-at-top
-  if map_kind not in ("reconstruction", "inp_distance"):
-    raise ValueError(f"config.eval.map={map_kind!r}: use 'reconstruction' or 'inp_distance'")
+  if map_kind not in MAP_KINDS:
+    raise ValueError(f"config.eval.map={map_kind!r}: use one of {MAP_KINDS}")
   data_sh = sharding.batch_sharding(mesh)
 
   @functools.partial(jax.jit, out_shardings=(data_sh, data_sh))
   def eval_step(params, images):
-    out = model.apply({"params": params}, images)
-    if map_kind == "inp_distance":
-      amap = am.zero_shot_map(out["distance"], image_size)
-    else:
-      amap = am.anomaly_map(out["en"], out["de"], image_size)
-    return amap, am.image_score(amap, top_ratio)
+    return maps_and_scores(model, params, images, image_size=image_size, map_kind=map_kind,
+                           top_ratio=top_ratio)
 
   return eval_step
+
+
+MAP_KINDS = ("reconstruction", "inp_distance")
+
+
+def maps_and_scores(model, params, images, *, image_size: int,
+                    map_kind: str = "reconstruction", top_ratio: float = 0.01):
+  """Pure: images (B, S, S, 3) normalised -> (maps (B, 256, 256) float32, scores (B,)).
+
+  'reconstruction' is the INP-Former map (encoder vs decoder groups); 'inp_distance' the
+  zero-shot map (distance of each token to its nearest INP). Shared by evaluation, predict
+  and the exported serving function.
+  """
+  from inpformer_jax import anomaly_map as am  # pylint: disable=g-import-not-at-top
+  if map_kind not in MAP_KINDS:
+    raise ValueError(f"map_kind={map_kind!r}: use one of {MAP_KINDS}")
+  out = model.apply({"params": params}, images)
+  if map_kind == "inp_distance":
+    amap = am.zero_shot_map(out["distance"], image_size)
+  else:
+    amap = am.anomaly_map(out["en"], out["de"], image_size)
+  return amap, am.image_score(amap, top_ratio)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

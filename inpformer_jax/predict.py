@@ -40,7 +40,6 @@ from inpformer_jax import calibration as calib_lib
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CALIBRATION_FILE = "calibration.json"
-MAP_KINDS = ("reconstruction", "inp_distance")
 # Official sizes (SPEC §6.1) for checkpoints that carry no config.
 OFFICIAL_RESIZE, OFFICIAL_CROP = 448, 392
 
@@ -226,19 +225,11 @@ def read_calibration(info: dict, path: str | os.PathLike | None = None) -> dict 
 
 def forward(model, params, images, *, image_size: int, map_kind: str = "reconstruction",
             top_ratio: float = 0.01):
-  """Pure: images (B, S, S, 3) normalised -> (maps (B, 256, 256) float32, scores (B,)).
-
-  The same computation as evaluate.make_eval_step (without the mesh); export.py serialises it.
-  """
-  from inpformer_jax import anomaly_map as am  # pylint: disable=g-import-not-at-top
-  if map_kind not in MAP_KINDS:
-    raise ValueError(f"map_kind={map_kind!r}: use one of {MAP_KINDS}")
-  out = model.apply({"params": params}, images)
-  if map_kind == "inp_distance":
-    amap = am.zero_shot_map(out["distance"], image_size)
-  else:
-    amap = am.anomaly_map(out["en"], out["de"], image_size)
-  return amap, am.image_score(amap, top_ratio)
+  """Pure: images (B, S, S, 3) normalised -> (maps (B, 256, 256), scores (B,)); the same
+  computation as evaluation (`evaluate.maps_and_scores`); export.py serialises it."""
+  from inpformer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.maps_and_scores(model, params, images, image_size=image_size,
+                                  map_kind=map_kind, top_ratio=top_ratio)
 
 
 @functools.lru_cache(maxsize=8)

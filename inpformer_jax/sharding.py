@@ -14,10 +14,10 @@ propagation places the rest, which is all a batch-parallel + FSDP program needs.
 
 Parameters and optimiser state are replicated unless a rule table shards them:
   rules = ((regex over the 'a/b/kernel' path, spec), ...)   first match wins
-  spec  = PartitionSpec entries, e.g. (None, 'fsdp'), or the string 'auto': the largest
-          dimension divisible by the fsdp axis is sharded over it, for leaves of at least
-          `min_size` elements (smaller ones stay replicated: their gathers cost more latency
-          than the memory they save).
+  spec  = PartitionSpec entries, e.g. (None, 'fsdp'), or the string 'auto' ('auto:N'): the
+          largest dimension divisible by the fsdp axis is sharded over it, for leaves of at
+          least FSDP_MIN_SIZE (N) elements (smaller ones stay replicated: their gathers cost
+          more latency than the memory they save).
 With `config.mesh.fsdp > 1` and no rules, `DEFAULT_FSDP_RULES` ('auto' for every leaf) apply.
 The optimiser state follows its parameter, since its paths end with the parameter's path.
 """
@@ -226,10 +226,12 @@ def param_shardings(tree: Any, mesh, rules: Sequence[tuple[str, Any]] = (), *,
       if not regex.search(name):
         continue
       if isinstance(spec, str):
-        if spec != "auto":
+        m = re.fullmatch(r"auto(?::(\d+))?", spec)
+        if not m:
           raise MeshError(f"config.mesh.param_rules: spec {spec!r} for {regex.pattern!r} is "
-                          f"neither 'auto' nor a tuple of mesh axes / None")
-        return NamedSharding(mesh, auto_spec(shape, fsdp_size, min_size))
+                          f"neither 'auto', 'auto:MIN_SIZE' nor a tuple of mesh axes / None")
+        size = int(m.group(1)) if m.group(1) else min_size
+        return NamedSharding(mesh, auto_spec(shape, fsdp_size, size))
       spec = tuple(spec)
       if len(spec) > len(shape):
         return replicated(mesh)

@@ -105,6 +105,10 @@ def test_rule_table_and_auto_rule():
   assert sh["decoder_0"]["mlp"]["fc1"]["bias"].spec == P()
   with pytest.raises(sharding.MeshError, match="'model' .* is not a mesh axis"):
     sharding.param_shardings(tree, mesh, ((r"kernel", (None, "model")),))
+  mesh4 = jax.sharding.AbstractMesh((1, 4), ("data", "fsdp"))
+  sh = sharding.param_shardings(tree, mesh4, ((r"kernel", "auto:100"), (r"bias", "auto")))
+  assert sh["decoder_0"]["mlp"]["fc1"]["kernel"].spec == P(None, "fsdp")  # 256 >= 100
+  assert sh["decoder_0"]["mlp"]["fc1"]["bias"].spec == P()  # 32 < FSDP_MIN_SIZE
   with pytest.raises(sharding.MeshError, match="neither 'auto'"):
     sharding.param_shardings(tree, mesh, ((r"kernel", "fsdp"),))
 

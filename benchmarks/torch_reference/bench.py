@@ -49,7 +49,8 @@ def setup_torch(num_threads: int | None = None) -> int:
   return n
 
 
-def _time(fn, warmup: int, steps: int) -> list[float]:
+def time_calls(fn, warmup: int, steps: int) -> list[float]:
+  """Wall seconds of `steps` calls of fn() after `warmup` untimed ones."""
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
   for _ in range(warmup):
@@ -86,7 +87,7 @@ def train_step_times(variant: Any, image_size: int, batch: int, steps: int, *, b
     step = lambda: R.train_step(model, optimizer, scheduler, features=features)  # noqa: E731
   else:
     step = lambda: R.train_step(model, optimizer, scheduler, images)  # noqa: E731
-  return _time(step, warmup, steps)
+  return time_calls(step, warmup, steps)
 
 
 def infer_step_times(variant: Any, image_size: int, batch: int, steps: int, *, bf16: bool = False,
@@ -97,7 +98,7 @@ def infer_step_times(variant: Any, image_size: int, batch: int, steps: int, *, b
   torch.manual_seed(seed)
   model = R.build_inpformer(variant, image_size=image_size, attn_impl=attn_impl)
   images = _images(batch, image_size, seed)
-  return _time(lambda: R.infer(model, images, bf16=bf16), warmup, steps)
+  return time_calls(lambda: R.infer(model, images, bf16=bf16), warmup, steps)
 
 
 def torch_train_images_per_sec(variant: Any, image_size: int, batch: int, steps: int,

@@ -159,7 +159,12 @@ class Block(nn.Module):
 
 class DinoVisionTransformer(nn.Module):
   """DINOv2 ViT as INP-Former builds it: img_size 518, block_chunks 0, init_values 1e-8,
-  interpolate_antialias False, interpolate_offset 0.1 (NOT the upstream hub reg settings)."""
+  interpolate_antialias False, interpolate_offset 0.1.
+
+  The upstream hub `*_reg` models use interpolate_offset 0 and interpolate_antialias True;
+  both are constructor arguments so the tests can check the JAX port against either. Also the
+  parity reference of `inpformer_jax.models.vit` (tests/torch_dinov2_ref.py re-exports it).
+  """
 
   def __init__(self, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, num_register_tokens=4,
                img_size=PRETRAIN_IMG_SIZE, patch_size=PATCH_SIZE, init_values=1e-8,
@@ -196,7 +201,12 @@ class DinoVisionTransformer(nn.Module):
           nn.init.zeros_(m.bias)
 
   def interpolate_pos_encoding(self, x, w, h):
-    """pos_embed for an input of w x h pixels: bicubic, scale factor (grid + 0.1) / 37."""
+    """pos_embed for an input of w x h pixels, bicubic from the m x m pre-training grid.
+
+    offset != 0 (INP-Former, older upstream): scale factor (grid + offset) / m, which is also
+    what F.interpolate uses to map coordinates. offset 0 (current upstream hub): output size
+    (grid, grid), i.e. coordinates mapped by m / grid -- not the same numbers.
+    """
     previous_dtype = x.dtype
     npatch = x.shape[1] - 1
     n = self.pos_embed.shape[1] - 1
@@ -206,14 +216,20 @@ class DinoVisionTransformer(nn.Module):
     class_pos_embed = pos_embed[:, 0]
     patch_pos_embed = pos_embed[:, 1:]
     dim = x.shape[-1]
-    w0 = w // self.patch_size + self.interpolate_offset
-    h0 = h // self.patch_size + self.interpolate_offset
-    sqrt_n = math.sqrt(n)
-    sx, sy = float(w0) / sqrt_n, float(h0) / sqrt_n
+    w0 = w // self.patch_size
+    h0 = h // self.patch_size
+    m = int(math.sqrt(n))
+    assert n == m * m, f"pos_embed holds {n} patch positions, not a square grid"
+    if self.interpolate_offset:
+      sx = float(w0 + self.interpolate_offset) / m
+      sy = float(h0 + self.interpolate_offset) / m
+      resize = {"scale_factor": (sx, sy)}
+    else:
+      resize = {"size": (w0, h0)}
     patch_pos_embed = F.interpolate(
-        patch_pos_embed.reshape(1, int(sqrt_n), int(sqrt_n), dim).permute(0, 3, 1, 2),
-        scale_factor=(sx, sy), mode="bicubic", antialias=self.interpolate_antialias)
-    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+        patch_pos_embed.reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic",
+        antialias=self.interpolate_antialias, **resize)
+    assert (w0, h0) == patch_pos_embed.shape[-2:]
     patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
     return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1).to(previous_dtype)
 
@@ -226,6 +242,16 @@ class DinoVisionTransformer(nn.Module):
     if self.register_tokens is not None:
       x = torch.cat((x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]), dim=1)
     return x
+
+  def forward(self, x, layers: Sequence[int]):
+    """(B, 3, S, S) -> raw outputs (B, 1+R+N, D) of blocks `layers` (no final norm: what
+    INP-Former reads); blocks after max(layers) are not run."""
+    x = self.prepare_tokens(x)
+    outs = {}
+    for i, blk in enumerate(self.blocks[:max(layers) + 1]):
+      x = blk(x)
+      outs[i] = x
+    return [outs[i] for i in layers]
 
 
 # ---------------------------------------------------------------------------------------
