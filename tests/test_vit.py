@@ -1,6 +1,8 @@
 """Parity of the Flax DINOv2 ViT with a PyTorch reference and with the official-code golden.
 
-The torch reference (tests/torch_dinov2_ref.py) restates facebookresearch/dinov2; weights go
+The torch reference is the DINOv2 of benchmarks/torch_reference/inpformer_torch.py (which
+reproduces the official golden fixture), built with facebookresearch's defaults by
+tests/torch_dinov2_ref.py; weights go
 through our converter (weights_conversion/dinov2_mapping.py), so these tests check the
 conversion table and the model together.
 """
