@@ -68,6 +68,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Call jax.distributed.initialize() before any other JAX call (multi-host runs). The
   # usual environment variables (JAX_COORDINATOR_ADDRESS, ...) also switch it on.
   c.multihost = False
+  # Multi-host settings (inpformer_jax.sharding.initialize_distributed); unset fields come
+  # from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, or (multihost=True
+  # and nothing set) from the cluster scheduler (SLURM, Open MPI, Cloud TPU).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port' of process 0
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
   # A converted params dir (weights_conversion/*) or another run's workdir: its trained
   # params initialise this run (zero-shot: the source model that is evaluated).
   c.init_from = config_dict.placeholder(str)

@@ -32,9 +32,10 @@ def save_params(directory: str | os.PathLike, params: Any, meta: dict) -> Path:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, params)
     ckptr.wait_until_finished()
-  tmp = directory / (META_FILE + ".tmp")
-  tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-  tmp.replace(directory / META_FILE)
+  if jax_process_index() == 0:  # multi-process: orbax wrote the params from process 0 too
+    tmp = directory / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.replace(directory / META_FILE)
   return directory
 
 

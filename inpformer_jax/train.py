@@ -464,11 +464,17 @@ def _run_on_mesh(config, workdir, mode, r, info, source, total_steps, test_specs
   if info["encoder_weights"] == "random":
     _warn("NOTE: the encoder has RANDOM weights (config.model.encoder_weights='random'); "
           "the metrics show the pipeline works, not what INP-Former achieves.")
-  if info["encoder_weights"] == "random" and jax.process_index() == 0:
+  if info["encoder_weights"] == "random":
     # A random encoder cannot be reloaded by name: keep it beside the checkpoints so
     # `inpformer_jax.predict` rebuilds exactly this model.
     enc_dir = Path(workdir) / "encoder"
-    if not (enc_dir / ckpt_lib.META_FILE).is_file():
+    missing = not (enc_dir / ckpt_lib.META_FILE).is_file()
+    # (issue 6) An orbax save is collective: every process takes part (process 0 writes),
+    # and all must have looked for the directory before anyone writes it.
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("inpformer_random_encoder_checked")
+    if missing:
       ckpt_lib.save_params(enc_dir, jax.device_get(encoder),
                            {"kind": "encoder", "encoder": config.model.encoder,
                             "weights": "random", "seed": config.seed})
