@@ -65,13 +65,19 @@ class AggregationAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, y: Array) -> Array:
-    b, m, dim = x.shape
-    n = y.shape[1]
-    h = self.num_heads
-    q = _dense(dim, dtype=self.dtype, name="q")(x).reshape(b, m, h, dim // h)
-    kv = _dense(2 * dim, dtype=self.dtype, name="kv")(y).reshape(b, n, 2, h, dim // h)
-    out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])  # scale d**-0.5
-    return _dense(dim, dtype=self.dtype, name="proj")(out.reshape(b, m, dim))
+    q, k, v = _cross_qkv(x, y, self.num_heads, self.dtype)
+    out = jax.nn.dot_product_attention(q, k, v)  # scale d**-0.5
+    return _dense(x.shape[-1], dtype=self.dtype, name="proj")(out.reshape(x.shape))
+
+
+def _cross_qkv(x: Array, y: Array, num_heads: int, dtype) -> tuple[Array, Array, Array]:
+  """Inside a compact module: Dense `q` on x (B, Tq, D), Dense `kv` on y (B, Tk, D) ->
+  q (B, Tq, H, d), k and v (B, Tk, H, d); kv channels are [k | v] as in the official Linear."""
+  b, tq, dim = x.shape
+  d = dim // num_heads
+  q = _dense(dim, dtype=dtype, name="q")(x).reshape(b, tq, num_heads, d)
+  kv = _dense(2 * dim, dtype=dtype, name="kv")(y).reshape(b, y.shape[1], 2, num_heads, d)
+  return q, kv[:, :, 0], kv[:, :, 1]
 
 
 class AggregationBlock(nn.Module):
@@ -110,12 +116,9 @@ class PrototypeAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, prototypes: Array) -> Array:
     b, n, dim = x.shape
-    m = prototypes.shape[1]
-    h = self.num_heads
-    learn_scale = self.param("learn_scale", nn.initializers.ones, (h, 1, 1))
-    q = _dense(dim, dtype=self.dtype, name="q")(x).reshape(b, n, h, dim // h)
-    kv = _dense(2 * dim, dtype=self.dtype, name="kv")(prototypes).reshape(b, m, 2, h, dim // h)
-    q, k, v = l2_normalize(q), l2_normalize(kv[:, :, 0]), kv[:, :, 1]
+    learn_scale = self.param("learn_scale", nn.initializers.ones, (self.num_heads, 1, 1))
+    q, k, v = _cross_qkv(x, prototypes, self.num_heads, self.dtype)
+    q, k = l2_normalize(q), l2_normalize(k)
     attn = jnp.einsum("bnhd,bmhd->bhnm", q, k) * learn_scale.astype(q.dtype)
     attn = jax.nn.relu(attn)
     self.sow("intermediates", "attn", attn)
