@@ -142,12 +142,14 @@ def init_params(model: INPFormer, model_config: ml_collections.ConfigDict, rng: 
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     encoder_params = jax.jit(model.encoder.init, static_argnames="layers")(
         jax.random.fold_in(rng, 1), dummy, layers=tuple(model.target_layers))["params"]
-  elif encoder_params is None:
-    encoder_params = load_encoder_params(model_config)
-  expected = jax.eval_shape(
-      lambda: model.encoder.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
-                                 layers=tuple(model.target_layers)))["params"]
-  check_same_structure(expected, encoder_params, "encoder")
+  else:
+    if encoder_params is None:
+      encoder_params = load_encoder_params(model_config)
+    # Loaded weights must fit the encoder the config describes (a fresh init always does).
+    expected = jax.eval_shape(
+        lambda: model.encoder.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+                                   layers=tuple(model.target_layers)))["params"]
+    check_same_structure(expected, encoder_params, "encoder")
   return merge_params(jax.tree.map(jnp.asarray, encoder_params), trainable)
 
 
