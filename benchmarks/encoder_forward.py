@@ -3,7 +3,7 @@ r"""Images/s of the Flax DINOv2 encoder vs the same PyTorch model, in one run.
   python benchmarks/encoder_forward.py --batch 4 --iters 5 --size 392 --variant base
 
 Random weights (speed does not depend on them). Flax runs float32 and bfloat16 compute;
-torch runs float32 (the DINOv2 of `benchmarks/torch_reference/inpformer_torch.py`, explicit-matmul
+torch runs float32 (the DINOv2 of `tests/torch_reference/inpformer.py`, explicit-matmul
 attention as in DINOv2 without xFormers, and torch's fused SDPA as timm uses it). Flax runs its default
 attention (jax.nn.dot_product_attention) and `explicit` (DINOv2's formulation). Both run the blocks INP-Former needs
 (0..9 of 12) unless --layers says otherwise. On the CPU the XLA flags from
@@ -60,8 +60,8 @@ def main():
   import torch  # pylint: disable=g-import-not-at-top
 
   from inpformer_jax.models import vit  # pylint: disable=g-import-not-at-top
-  from tests import torch_dinov2_ref as ref  # pylint: disable=g-import-not-at-top
-  from weights_conversion.dinov2_mapping import convert_state_dict  # pylint: disable=g-import-not-at-top
+  from inpformer_jax.conversion import dinov2  # pylint: disable=g-import-not-at-top
+  from tests.torch_reference import dinov2 as ref  # pylint: disable=g-import-not-at-top
 
   width, depth, heads = vit.VARIANTS[args.variant]
   layers = _layers(args.layers)
@@ -75,7 +75,7 @@ def main():
   tmodel = ref.randomize_(ref.DinoVisionTransformer(
       embed_dim=width, depth=depth, num_heads=heads,
       num_register_tokens=args.registers)).eval()
-  params, arch = convert_state_dict(ref.state_dict_numpy(tmodel))
+  params, arch = dinov2.convert(ref.state_dict_numpy(tmodel))
   params = jax.device_put(params)
   x = np.random.default_rng(0).standard_normal((b, 3, s, s)).astype(np.float32)
   xj = jax.device_put(jnp.asarray(x.transpose(0, 2, 3, 1)))

@@ -7,9 +7,10 @@ What is timed is the whole preprocessing-free inference: encoder, INP extraction
 anomaly map (cosine distances, upsampling, 256 resize, Gaussian) and the top-1% score, for a
 batch already in memory (host -> device copy included for JAX, as a server would do). The
 weights are random (speed does not depend on them). "exported" is the same function through
-`jax.export` (serialize -> deserialize -> call). PyTorch runs the official model code
-(benchmarks/torch_reference) on the CPU in the same process; bfloat16 there is CPU autocast
-of the encoder (the official code has no bf16 inference), here config.model.dtype=bfloat16.
+`jax.export` (`inpformer_jax.deploy.export`: serialize -> deserialize -> call). PyTorch runs
+the official model code (tests/torch_reference, through benchmarks/torch_reference) on the CPU
+in the same process; bfloat16 there is CPU autocast of the encoder (the official code has no
+bf16 inference), here config.model.dtype=bfloat16.
 Latency = median seconds per batch; images/s = batch * steps / total time (warm-up excluded).
 """
 
@@ -19,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -28,7 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from inpformer_jax import export as export_lib  # noqa: E402
+from inpformer_jax import anomaly_map  # noqa: E402
+from inpformer_jax import loading  # noqa: E402
+from inpformer_jax.data import preprocess  # noqa: E402
+from inpformer_jax.deploy import export as export_lib  # noqa: E402
 from inpformer_jax.models import factory  # noqa: E402
 
 
@@ -49,16 +52,17 @@ def build(variant: str, image_size: int, dtype: str):
 
 
 def jax_times(model, params, image_size, batch, steps, warmup, exported: bool) -> list[float]:
-  info = {"image_size": image_size, "map_kind": "reconstruction", "top_ratio": 0.01}
-  fn = export_lib.serving_fn(model, **info)
+  # What predict / export serve: `loading.load` gives this for a checkpoint.
+  loaded = loading.Loaded(model, params, preprocess.Preprocessing(image_size, image_size),
+                          "reconstruction", 0.01, None,
+                          {"kind": "random", "path": "", "step": None, "checkpoint_id": "",
+                           "calibration_path": ""})
   if exported:
-    exp = export_lib.export_model(model, params, dict(info, resize=image_size, path="",
-                                                      checkpoint_id="", step=None),
-                                  platforms=(jax.default_backend(),))
+    exp = export_lib.export_model(loaded, platforms=(jax.default_backend(),))
     exp = jax.export.deserialize(exp.serialize())
     call = jax.jit(exp.call)
   else:
-    call = jax.jit(fn)
+    call = anomaly_map.jit_maps_and_scores(model, **loaded.scoring)  # the one jitted forward
   x = np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3))
   x = x.astype(np.float32)
   from benchmarks.torch_reference.bench import time_calls  # pylint: disable=g-import-not-at-top

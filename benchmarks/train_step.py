@@ -30,7 +30,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from inpformer_jax import sharding, train  # noqa: E402
+from inpformer_jax import feature_cache, sharding, train  # noqa: E402
+from inpformer_jax import params as params_lib  # noqa: E402
 from inpformer_jax.models.inp_former import INPFormer  # noqa: E402
 
 ENCODERS = {"small": "dinov2reg_vit_small_14", "base": "dinov2reg_vit_base_14",
@@ -47,17 +48,18 @@ def jax_train_images_per_sec(variant: str, image_size: int, batch: int, steps: i
   c.model.dtype = dtype
   c.data.crop = image_size
   c.train.batch_size = batch
-  r = train.get_recipe(c, total_steps=1_000_000)
+  r = train.Recipe.create(c, total_steps=1_000_000)
   mesh = r.mesh
   encoder = jax.device_put(r.encoder, r.encoder_sh)
   state = r.init_state(r.trainable, c.seed)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
   if cache_features:
-    params = train.merge(encoder, r.trainable)
+    params = params_lib.merge(encoder, r.trainable)
     feats = jax.jit(lambda p, x: r.model.apply({"params": p}, x, method=INPFormer.encode))(
         params, images)
-    host = dict(zip(train.CACHE_KEYS, map(np.asarray, [*feats["en_tokens"], feats["fused"]])))
+    host = dict(zip(feature_cache.keys(len(feats["en_tokens"])),
+                    map(np.asarray, [*feats["en_tokens"], feats["fused"]])))
     batch_arrays = sharding.global_batch(host, mesh)
   else:
     batch_arrays = sharding.global_batch({"image": images}, mesh)

@@ -15,7 +15,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-SETTINGS = ("multi_class", "single_class", "few_shot", "zero_shot", "super_multi_class")
+from inpformer_jax.settings import SETTINGS
 
 # Where datasets live unless `--config.data.roots.<name>=...` says otherwise. The default
 # names follow the official README (`../mvtec_anomaly_detection`, `../VisA_pytorch/1cls`,
@@ -29,7 +29,8 @@ DEFAULT_ROOTS = {
 }
 
 
-DINOV2_NAMES = tuple(f"dinov2{r}_vit_{v}_14" for r in ("reg", "") for v in ("small", "base", "large"))
+DINOV2_NAMES = tuple(f"dinov2{r}_vit_{v}_14" for r in ("reg", "")
+                     for v in ("small", "base", "large"))
 
 
 def parse_arg(arg: str | None, **defaults):

@@ -16,11 +16,11 @@ log and results.md say which. Arguments:
 """
 
 from configs import common
+from inpformer_jax import pretrained
 
 
 def _encoder_choice(choice: str):
   if choice in ("auto", "dinov2"):
-    from inpformer_jax import pretrained  # pylint: disable=g-import-not-at-top
     local = pretrained.find_local()
     if local:
       return "dinov2", local

@@ -1,10 +1,12 @@
 r"""Serve an exported INP-Former with nothing but jax, numpy and PIL (no inpformer_jax import).
 
-  python -m inpformer_jax.export --checkpoint demo_workdir --output exported/
+  python -m inpformer_jax.deploy.export --checkpoint demo_workdir --output exported/
   python examples/serve_exported.py exported/ demo_data/brick/test/scratch/000.png ...
 
 Prints one line per image: score, decision (if the export carries a calibration), and the
-location of the map's maximum. The preprocessing is spelled out from contract.json.
+location of the map's maximum. The preprocessing is spelled out from contract.json. The
+files (model.jaxexport, params.npz, contract.json) are those of inpformer_jax/deploy/export.py,
+whose `load_exported` is this `load`.
 """
 
 import json

@@ -1,4 +1,8 @@
-"""Anomaly maps and image scores (SPEC §7.1, §7.3), XLA-jitted and batched.
+"""Anomaly maps and image scores (SPEC §7.1, §7.3), and the one forward that makes them.
+
+`maps_and_scores` is the computation evaluation, predict, calibrate and export all run:
+image batch -> encoder/decoder groups -> anomaly map -> image score; `jit_maps_and_scores`
+is its only jit.
 
 Every stage after the per-token cosine distance is linear, so the pipeline
   bilinear (align_corners=True) h -> S,  bilinear (align_corners=False) S -> 256,
@@ -20,7 +24,10 @@ import numpy as np
 from inpformer_jax.models.inp_former import cosine_distance
 
 Array = jax.Array
-OUT_SIZE = 256
+MAP_SIZE = 256  # official: every map is compared at 256 x 256, whatever the input size
+# 'reconstruction': 1 - cos(en, de) (SPEC §7.1); 'inp_distance': the distance of each token to
+# its nearest INP, the zero-shot map (SPEC §7.3).
+MAP_KINDS = ("reconstruction", "inp_distance")
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -75,7 +82,7 @@ def _stage_matrices(grid: int, image_size: int, out_size: int, kernel_size: int,
 
 
 @functools.lru_cache(maxsize=64)
-def map_matrix(grid: int, image_size: int, out_size: int = OUT_SIZE, kernel_size: int = 5,
+def map_matrix(grid: int, image_size: int, out_size: int = MAP_SIZE, kernel_size: int = 5,
                sigma: float = 4.0) -> np.ndarray:
   """K (out_size, grid) float32 with smoothed_map = K @ token_map @ K^T."""
   up, down, gauss = _stage_matrices(grid, image_size, out_size, kernel_size, sigma)
@@ -97,14 +104,14 @@ def token_distance_maps(en, de) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "out_size", "sigma"))
-def anomaly_map(en, de, image_size: int, out_size: int = OUT_SIZE, sigma: float = 4.0) -> Array:
+def anomaly_map(en, de, image_size: int, out_size: int = MAP_SIZE, sigma: float = 4.0) -> Array:
   """en, de: lists of (B, h, w, D) -> smoothed anomaly maps (B, out_size, out_size)."""
   d = token_distance_maps(en, de)
   return _apply(map_matrix(d.shape[1], image_size, out_size, 5, sigma), d)
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "out_size", "sigma"))
-def zero_shot_map(distance: Array, image_size: int, out_size: int = OUT_SIZE,
+def zero_shot_map(distance: Array, image_size: int, out_size: int = MAP_SIZE,
                   sigma: float = 4.0) -> Array:
   """distance (B, h*w) to the nearest INP -> smoothed map (B, out_size, out_size)."""
   b, n = distance.shape
@@ -123,7 +130,7 @@ def image_score(amap: Array, top_ratio: float = 0.01) -> Array:
   return jnp.mean(jax.lax.top_k(flat, k)[0], axis=1)
 
 
-def map_stages(en, de, image_size: int, out_size: int = OUT_SIZE, sigma: float = 4.0) -> dict:
+def map_stages(en, de, image_size: int, out_size: int = MAP_SIZE, sigma: float = 4.0) -> dict:
   """The official intermediates one by one (not fused); for checks and visualisation.
 
   -> {"group_full": [(B, S, S)], "full", "resized", "smoothed"}.
@@ -134,3 +141,35 @@ def map_stages(en, de, image_size: int, out_size: int = OUT_SIZE, sigma: float =
   resized = _apply(down, full)
   return {"group_full": groups, "full": full, "resized": resized,
           "smoothed": _apply(gauss, resized)}
+
+
+def resize_masks_to_map(masks: np.ndarray, size: int = MAP_SIZE) -> np.ndarray:
+  """(B, S, S) -> (B, size, size) with torch 'nearest' (source index floor(dst * S / size)),
+  as the official `F.interpolate(gt, 256, mode='nearest')`."""
+  s = masks.shape[-1]
+  idx = np.floor(np.arange(size) * (s / size)).astype(np.int64)
+  return masks[:, idx][:, :, idx]
+
+
+def maps_and_scores(model, params, images: Array, *, image_size: int,
+                    map_kind: str = "reconstruction", top_ratio: float = 0.01) -> dict:
+  """Pure: images (B, S, S, 3) normalised ->
+  {"anomaly_map": (B, 256, 256) float32, "score": (B,) float32}."""
+  if map_kind not in MAP_KINDS:
+    raise ValueError(f"map_kind={map_kind!r}: use one of {MAP_KINDS}")
+  out = model.apply({"params": params}, images)
+  if map_kind == "inp_distance":
+    amap = zero_shot_map(out["distance"], image_size)
+  else:
+    amap = anomaly_map(out["en"], out["de"], image_size)
+  return {"anomaly_map": amap, "score": image_score(amap, top_ratio)}
+
+
+def jit_maps_and_scores(model, *, image_size: int, map_kind: str = "reconstruction",
+                        top_ratio: float = 0.01, out_sharding=None):
+  """The jitted `maps_and_scores`: (params, images) -> outputs. out_sharding: where the
+  outputs go (evaluation: split over the batch axes of its mesh); None: XLA decides."""
+  fn = functools.partial(maps_and_scores, model, image_size=image_size, map_kind=map_kind,
+                         top_ratio=top_ratio)
+  return jax.jit(fn) if out_sharding is None else jax.jit(fn, out_shardings=out_sharding)
+

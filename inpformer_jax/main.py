@@ -16,7 +16,14 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from inpformer_jax import checkpoint
+from inpformer_jax import settings
+from inpformer_jax import sharding
+from inpformer_jax import train
+from inpformer_jax import xla_flags
 
 # Config files do `from configs import common`: make the repository root importable when
 # the command runs from elsewhere.
@@ -25,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"],
-                          "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train_and_eval", list(settings.MODES), "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
 
 def main(argv):
   if len(argv) > 1:
@@ -35,22 +42,14 @@ def main(argv):
   config = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO; -v 0 shows them.
-  from inpformer_jax import xla_flags  # pylint: disable=g-import-not-at-top
   xla_flags.configure_cpu_flags()  # before JAX creates its CPU backend
-  # Must come before any other JAX call (issue 6: multi-host through jax.distributed).
-  import jax  # pylint: disable=g-import-not-at-top
-  from inpformer_jax import sharding  # pylint: disable=g-import-not-at-top
   try:
-    sharding.initialize_distributed(config)  # config.multihost / $JAX_COORDINATOR_ADDRESS
-  except sharding.MeshError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  from inpformer_jax import train  # pylint: disable=g-import-not-at-top
-  logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
-               jax.devices())
-  try:
+    # Before any other JAX computation (multi-host through jax.distributed).
+    sharding.initialize_distributed(config)
+    logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
+                 jax.devices())
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
-  except (train.ConfigError, sharding.MeshError) as e:
+  except (settings.ConfigError, sharding.MeshError, checkpoint.CheckpointError) as e:
     # A user mistake: say what to change, without a traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

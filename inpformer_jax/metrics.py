@@ -31,12 +31,10 @@ first pixel is binned, and the official P-F1max is exact on all pixels; neither 
 fixed-size summary of a class seen once. `MetricAccumulator` therefore keeps the pixel
 scores of the class being evaluated as compact arrays -- float32 per normal pixel (4 B),
 float32 score + int32 region area per anomalous pixel (8 B) -- and bins them in `result()`,
-when min/max are known. This is ONE pass over the maps (no second model pass), and host
-memory is bounded by the class, not by the test set: measured peak ~80 MB + 4.3 B/pixel
-(350 MB for a class of 1,000 maps of 256x256, where scikit-learn on the same pixels peaks at
-3.4 GB; benchmarks/metrics_bench.py). Evaluate classes one after the other and drop each
-accumulator after `result()`; a class would need ~14,800 maps of 256x256 to reach 4 GB.
-With masks=None (image metrics only) nothing per pixel is kept.
+when min/max are known: ONE pass over the maps, host memory bounded by the class, not the
+test set (measured peak ~80 MB + 4.3 B/pixel: 350 MB for 1,000 maps of 256x256, where
+scikit-learn peaks at 3.4 GB; benchmarks/metrics_bench.py). `result()` adds one 64 MiB block
+and an argsort of the anomalous pixels. With masks=None nothing per pixel is kept.
 """
 
 from __future__ import annotations
@@ -47,6 +45,8 @@ from typing import Mapping
 
 import numpy as np
 from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from tqdm import tqdm
 
 METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 IMAGE_METRICS = METRIC_NAMES[:3]
@@ -254,8 +254,6 @@ def _image_metrics(labels: np.ndarray, scores: np.ndarray, protocol: str) -> dic
   if labels.all() or not labels.any():
     return {k: math.nan for k in IMAGE_METRICS}
   if protocol == "official":  # what ader_evaluator calls, verbatim
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
-
     precs, recs, _ = precision_recall_curve(labels.astype(np.int64), scores)
     f1s = 2 * precs * recs / (precs + recs + F1_EPS)
     labels = labels.astype(np.int64)
@@ -336,11 +334,8 @@ class MetricAccumulator:
     acc.add(maps, masks, labels, scores)
   metrics = acc.result()
 
-  Host memory: 4 B per normal pixel + 8 B per anomalous pixel of this class (see the
-  module docstring); `result()` adds one 64 MiB block and temporaries of the size of the
-  anomalous pixels (their argsort). Masks are
-  binarised `> gt_threshold` (0.5: current official; 0: the paper-era rule). `value_range`
-  (official only) fixes adeval's [min, max] instead of this class's map min/max.
+  Host memory: see the module docstring. Masks are binarised `> gt_threshold` (0.5: current
+  official; 0: the paper-era rule). `value_range` (official only) fixes adeval's [min, max].
   """
 
   def __init__(self, protocol: str = "official", gt_threshold: float = 0.5,
@@ -402,17 +397,14 @@ class MetricAccumulator:
     labels_pos = regions[gt[has]]
     self._pos_area.append(np.bincount(labels_pos, minlength=n + 1)[labels_pos])
 
-  def __len__(self) -> int:
-    return sum(len(x) for x in self._labels)
-
   def nbytes(self) -> int:
     """Host bytes held for the pixels (what bounds memory)."""
     return sum(c.size * c.dtype.itemsize for c in (self._neg, self._pos, self._pos_area))
 
   def result(self) -> Metrics:
     """The seven metrics; NaN (with a note in `.info`) where one is undefined."""
-    labels, scores = np.concatenate(self._labels or [np.zeros(0, bool)]), np.concatenate(
-        self._scores or [np.zeros(0)])
+    labels = np.concatenate(self._labels or [np.zeros(0, bool)])
+    scores = np.concatenate(self._scores or [np.zeros(0)])
     info = {"protocol": self.protocol, "gt_threshold": self.gt_threshold,
             "n_images": int(len(labels)), "pixel_metrics": bool(self._has_masks),
             "notes": []}
@@ -484,8 +476,6 @@ def compute_metrics(anomaly_maps, masks, labels, scores, protocol: str = "offici
   labels, scores = np.asarray(labels).reshape(-1), np.asarray(scores).reshape(-1)
   steps = range(0, max(len(labels), 1), batch_size)
   if progress:
-    from tqdm import tqdm
-
     steps = tqdm(steps, desc="metrics", unit="batch")
   for i in steps:
     sl = slice(i, i + batch_size)

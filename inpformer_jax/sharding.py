@@ -33,6 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from inpformer_jax import params as params_lib
+
 BATCH_AXES = ("data", "fsdp")
 AXIS_NAMES = ("data", "fsdp")
 # Leaves below this many elements stay replicated under the 'auto' rule (ViT-B: the biases,
@@ -183,12 +185,6 @@ def check_batch_size(global_batch_size: int, mesh, what: str = "config.train.bat
 # ---------------------------------------------------------------------------------------
 
 
-def path_str(path) -> str:
-  """'encoder/blocks_0/attn/qkv/kernel' from a jax tree path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                  for k in path)
-
-
 def auto_spec(shape: Sequence[int], axis_size: int, min_size: int = FSDP_MIN_SIZE,
               axis: str = "fsdp") -> P:
   """The largest dimension divisible by `axis_size` sharded over `axis` (ties: the last);
@@ -221,7 +217,7 @@ def param_shardings(tree: Any, mesh, rules: Sequence[tuple[str, Any]] = (), *,
 
   def one(path, leaf):
     shape = tuple(getattr(leaf, "shape", ()))
-    name = path_str(path)
+    name = params_lib.key_str(path)
     for regex, spec in compiled:
       if not regex.search(name):
         continue
@@ -251,7 +247,7 @@ def describe(shardings: Any) -> dict[str, str]:
   out = {}
   for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
     if isinstance(s, NamedSharding) and any(e is not None for e in s.spec):
-      out[path_str(path)] = str(s.spec)
+      out[params_lib.key_str(path)] = str(s.spec)
   return out
 
 

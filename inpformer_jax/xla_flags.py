@@ -8,8 +8,12 @@ off. GPU/TPU backends ignore XLA CPU flags.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
+
+try:  # private API, only to warn about a late call: if it moves, the warning is skipped
+  from jax._src import xla_bridge
+except ImportError:
+  xla_bridge = None
 
 # Empty fusion type = no YNNPACK fusions (dots and elementwise ops go to XLA's emitters).
 DEFAULT_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
@@ -33,10 +37,7 @@ def configure_cpu_flags(flags: tuple[str, ...] = DEFAULT_CPU_FLAGS) -> str | Non
 
 
 def _backends_initialized() -> bool:
-  if "jax" not in sys.modules:
-    return False
   try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     return bool(xla_bridge.backends_are_initialized())
-  except (ImportError, AttributeError):  # private API: if it moves, skip the check
+  except AttributeError:
     return False

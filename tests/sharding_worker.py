@@ -14,13 +14,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import ml_collections  # noqa: E402
 
 from configs import demo  # noqa: E402
-from inpformer_jax import optim, sharding, train  # noqa: E402
+from inpformer_jax import loading, optim, sharding, train  # noqa: E402
+from inpformer_jax import params as params_lib  # noqa: E402
+from inpformer_jax.models import factory  # noqa: E402
 
-NUM_STEPS = 2
+# Three steps: the warm-up makes the first one's learning rate 0, the next two move the params.
+NUM_STEPS = 3
 BATCH = 8
 # (name, mesh config, rules, min_size): one device, pure data parallelism over 8, and
 # FSDP 4 x data 2 with the default 'auto' rule (the tiny model's kernels are ~1e3-1e4
@@ -35,7 +39,9 @@ def run_steps(out_path):
   config = demo.get_config("runlocal=True")
   images = np.random.default_rng(0).normal(size=(NUM_STEPS, BATCH, 28, 28, 3))
   images = images.astype(np.float32)
-  model, encoder, trainable = train.build(config, jax.random.PRNGKey(config.seed))
+  model = factory.build_model(config.model)
+  encoder, _ = loading.encoder_params(config, model)
+  trainable = factory.init_trainable(model, jax.random.PRNGKey(config.seed), config.data.crop)
   tx = optim.make_optimizer(config.optim, 10)
   schedule = optim.warm_cosine_schedule(config.optim.lr, config.optim.final_lr, 10,
                                         config.optim.warmup_steps)
@@ -58,24 +64,25 @@ def run_steps(out_path):
                      out_shardings=state_sh)
       state = init(trainable)
       enc = jax.device_put(encoder, encoder_sh)
-      losses, flat = [], None
+      losses, lrs = [], []
       for i in range(NUM_STEPS):
         sharding.check_batch_size(BATCH, mesh)
         batch = sharding.global_batch({"image": images[i]}, mesh)
         state, metrics = step(state, enc, batch)
         losses.append(float(metrics["loss"]))
-        if flat is None:  # the parameters after the first step
-          flat = {sharding.path_str(p): np.asarray(jax.device_get(x)) for p, x in
-                  jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+        lrs.append(float(metrics["lr"]))
+      flat = params_lib.flatten(jax.device_get(state["params"]))  # after the last step
       # where the first sharded kernel actually lives: its shard shape
       shard_shape = None
       for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
-        if sharding.path_str(p) in sharded or ("params/" + sharding.path_str(p)) in sharded:
-          shard_shape = (sharding.path_str(p), x.shape, x.addressable_shards[0].data.shape)
+        if params_lib.key_str(p) in sharded or ("params/" + params_lib.key_str(p)) in sharded:
+          shard_shape = (params_lib.key_str(p), x.shape, x.addressable_shards[0].data.shape)
           break
     results[name] = dict(losses=np.array(losses), params=flat, n_sharded=len(sharded),
-                         shard_shape=shard_shape)
+                         shard_shape=shard_shape, lrs=np.array(lrs))
   np.savez(out_path, **{f"{n}/loss": r["losses"] for n, r in results.items()},
+           **{f"{n}/lr": r["lrs"] for n, r in results.items()},
+           **{f"initial/{k}": v for k, v in params_lib.flatten(trainable).items()},
            **{f"{n}/n_sharded": r["n_sharded"] for n, r in results.items()},
            **{f"{n}/param/{k}": v for n, r in results.items() for k, v in r["params"].items()})
   for n, r in results.items():
@@ -97,7 +104,6 @@ def errors():
 
 def hlo():
   """Bytes all-reduced by a data-parallel least-squares gradient step (w: 8x4, b: 4)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
   rep, bat = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 

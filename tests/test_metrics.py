@@ -5,8 +5,6 @@ streaming == in-memory, GT binarisation, and edge cases."""
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +12,6 @@ from skimage import measure
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from inpformer_jax import metrics as M
-
-GOLDEN = Path(os.environ.get("INPFORMER_GOLDEN",
-                             Path(__file__).resolve().parents[2] / "shared" / "golden"))
-NPZ = GOLDEN / "metrics_dev.npz"
 
 
 def _f1max_sklearn(y, s):  # INP-Former utils.f1_score_max
@@ -54,9 +48,8 @@ def _blobs(rng, n, size, levels=None, p_anom=0.5):
 # --- official protocol ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not NPZ.exists(), reason=f"golden fixture not found at {NPZ}")
-def test_official_matches_golden_oracle():
-  g = np.load(NPZ)
+def test_official_matches_golden_oracle(golden_metrics):
+  g, _ = golden_metrics
   args = [g[f"input/{k}"] for k in ("anomaly_maps", "gt_masks", "labels", "image_scores")]
   for batch_size in (12, 5):  # in one add() and streamed
     res = M.compute_metrics(*args, protocol="official", batch_size=batch_size)

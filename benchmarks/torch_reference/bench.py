@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.torch_reference import inpformer_torch as R
+from tests.torch_reference import inpformer as R
 
 
 def available_cores() -> int:

@@ -36,6 +36,7 @@ import shutil
 import zlib
 
 import numpy as np
+import skimage.data
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
@@ -94,7 +95,6 @@ MIN_EXTENT = 0.2
 
 
 def skimage_data_dir() -> str:
-  import skimage.data  # pylint: disable=g-import-not-at-top
   return os.path.dirname(skimage.data.__file__)
 
 

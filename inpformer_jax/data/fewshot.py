@@ -199,16 +199,12 @@ def augment_22(image: np.ndarray, seed: int | None = 0, *, layout: str = "hwc") 
   return np.ascontiguousarray(out)
 
 
-def support_index(shots: Sequence[Sample], seed: int) -> list[tuple[Sample, int]]:
-  """The few-shot training set as (shot, augmentation index) pairs, shuffled by seed.
-
-  len == 22 * len(shots); feed each pair to `load_augmented`. (Officially the 22 x k tensors
-  are built once and shuffled once with torch.randperm; a seeded permutation plays that part.)
-  """
-  pairs = [(s, i) for s in shots for i in range(NUM_AUGMENTED)]
-  return [pairs[j] for j in np.random.default_rng(seed).permutation(len(pairs))]
-
-
-def load_augmented(sample: Sample, index: int, resize: int = 448, crop: int = 392) -> np.ndarray:
-  """Shot image file -> preprocessed -> its index-th augmentation: float32 (crop, crop, 3)."""
-  return augment_one(preprocess.load_image(sample.image_path, resize, crop), index)
+def support_set(shots: Sequence[Sample], preprocessing: preprocess.Preprocessing, *,
+                seed: int, augment: bool = True) -> np.ndarray:
+  """The few-shot training set: each shot expanded 22x (shot i's copies permuted with seed
+  + i), or the shots alone (augment=False). float32 (22 k, crop, crop, 3), shot by shot."""
+  if not shots:
+    raise ValueError("no few-shot images: select them with fewshot.select_shots")
+  images = [preprocessing.image(s.image_path) for s in shots]
+  return np.concatenate([augment_22(img, seed=seed + i) if augment else img[None]
+                         for i, img in enumerate(images)]).astype(np.float32)

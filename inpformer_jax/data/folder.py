@@ -18,7 +18,6 @@ from typing import Iterable, Sequence
 from inpformer_jax.data import preprocess
 from inpformer_jax.data.records import Sample
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # OS droppings that are not data; anything else that is not an image is an error.
 IGNORED_FILES = ("thumbs.db", "desktop.ini")
 SPLITS = ("train", "test")
@@ -52,9 +51,10 @@ def list_images(folder: str, layout: str) -> list[str]:
     if os.path.isdir(path):
       raise DatasetLayoutError(f"unexpected sub-folder {path}: image folders hold image files only"
                                f"\n{layout}")
-    if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
+    if os.path.splitext(name)[1].lower() not in preprocess.IMAGE_EXTENSIONS:
       raise DatasetLayoutError(
-          f"{path} is not an image (extensions read: {', '.join(IMAGE_EXTS)}); move it out of the "
+          f"{path} is not an image (extensions read: "
+          f"{', '.join(preprocess.IMAGE_EXTENSIONS)}); move it out of the "
           f"dataset\n{layout}")
     paths.append(os.path.abspath(path))
   return paths

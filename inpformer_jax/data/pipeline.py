@@ -9,13 +9,14 @@ Training (`train_dataset`):
     -> .to_iter_dataset() [-> .mp_prefetch(num_workers)]
 
 Every process builds the same seeded global order, so the processes need no communication; each
-takes its contiguous slice of every global batch, and `to_global` assembles the slices into one
-`jax.Array` sharded over the data axis. `.repeat()` after `.shuffle()` draws a fresh permutation
-per epoch, so every image is visited once per epoch; batches simply run across the epoch
-boundary. The official recipe (`drop_last=True`) drops the N % global_bs remainder of each epoch
-instead; we keep its step count, `steps_per_epoch = N // global_bs`, so a run of E epochs makes
-the same number of optimizer steps, and the images seen are the first E * steps_per_epoch * bs of
-the concatenated epochs -- nothing is skipped, the last partial epoch simply ends early.
+takes its contiguous slice of every global batch, and `sharding.global_batch` assembles the
+slices into one `jax.Array` sharded over the data axis. `.repeat()` after `.shuffle()` draws a
+fresh permutation per epoch, so every image is visited once per epoch; batches simply run
+across the epoch boundary. The official recipe (`drop_last=True`) drops the N % global_bs
+remainder of each epoch instead; we keep its step count, `steps_per_epoch = N // global_bs`,
+so a run of E epochs makes the same number of optimizer steps, and the images seen are the
+first E * steps_per_epoch * bs of the concatenated epochs -- nothing is skipped, the last
+partial epoch simply ends early.
 
 Evaluation (`eval_batches`): the test split is laid out in global batches of `batch_size`; the
 last one is padded so that every process runs ceil(N / batch_size) batches (multi-host SPMD needs
@@ -29,7 +30,7 @@ or, for the few-shot in-memory path, already-finished float32 images:
   * `ArrayRecordSource(...)`           -- ArrayRecord shards written by the TFDS builders
                                           (`tfds_builders/`), decoded without TensorFlow;
   * `ArraySource(images)`              -- in-memory arrays (few-shot: 22 augmented copies/shot);
-  * `ConcatSource(*sources)`           -- several sources as one (super-multi-class).
+  * `ConcatSource(*sources)`           -- several sources as one (joint training).
 The finishing step (`preprocess.finish_from_resized`: crop, /255, ImageNet normalisation) is the
 same for all of them, so stored shards reproduce the file pipeline bit for bit. For fast
 accelerators, `train_dataset(..., uint8=True)` stops at the uint8 crop and `normalize` finishes
@@ -42,16 +43,17 @@ hold paths and open files lazily. Scripts that start workers need the usual
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from inpformer_jax.data import preprocess
 from inpformer_jax.data.records import Sample
@@ -125,20 +127,6 @@ class ArraySource:
     return f"ArraySource({self.images.dtype} {self.images.shape})"
 
 
-def fewshot_source(shots: Sequence[Sample], *, resize: int, crop: int) -> ArraySource:
-  """The official few-shot training set: each shot expanded 22x (`fewshot.augment_22`).
-
-  The 22 copies are kept in the official order; `train_dataset` shuffles them anyway (the
-  official loader shuffles the augmented TensorDataset too). float32 (22 k, crop, crop, 3).
-  """
-  from inpformer_jax.data import fewshot
-  if not shots:
-    raise ValueError("no few-shot images: select them with fewshot.select_shots")
-  images = [fewshot.augment_22(preprocess.load_image(s.image_path, resize, crop), seed=None)
-            for s in shots]
-  return ArraySource(np.concatenate(images))
-
-
 class ArrayRecordSource:
   """A split written by `tfds_builders` (ArrayRecord shards), read with TFDS, no TensorFlow.
 
@@ -162,7 +150,8 @@ class ArrayRecordSource:
     # two threads trigger them at once, so the first open is serialised.
     with self._lock:
       if self._ds is None:
-        import tensorflow_datasets as tfds  # Optional dependency (the `tfds` extra).
+        # The optional `tfds` extra, heavy to import: only this source needs it.
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
         builder = tfds.builder_from_directory(self.builder_dir)
         if self.split not in builder.info.splits:
           raise ValueError(f"{self.builder_dir} has no split {self.split!r} "
@@ -280,7 +269,6 @@ def normalize(images):
   values, so this equals `preprocess.finish_from_resized` bit for bit on any device. Use it
   inside the jitted step with `train_dataset(..., uint8=True)`.
   """
-  import jax.numpy as jnp
   images = jnp.asarray(images)
   return jnp.asarray(_normalize_table())[images.astype(jnp.int32), jnp.arange(3)]
 
@@ -333,7 +321,6 @@ def _mark_flags_parsed() -> None:
   # grain 0.2.18 reads its absl flags in the worker processes (spawned); when the main program
   # did not go through absl.app.run (tests, notebooks, scripts) they are unparsed and the
   # workers die with UnparsedFlagAccessError. Marking them parsed keeps their defaults.
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -397,16 +384,6 @@ def train_dataset(samples: Sequence[Sample] | np.ndarray | None = None, *, resiz
   ds = _ProcessSlice(ds, global_batch_size, pi, pc)
   ds = ds.batch(per, drop_remainder=True)
   return _to_iter(ds, num_workers)
-
-
-def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
-              ) -> dict[str, jax.Array]:
-  """Process-local numeric arrays -> global jax.Arrays (batch axis split as `sharding` says).
-
-  String fields (dataset, category, ...) stay on the host and are left out.
-  """
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,42 +454,3 @@ def eval_batches(samples: Sequence[Sample] | None = None, *, resize: int, crop: 
   layout = eval_layout(len(src), batch_size, pi, pc)
   ds = grain.MapDataset.source(layout).map(_EvalElement(src, crop)).batch(per)
   return EvalBatches(_to_iter(ds, num_workers), len(layout) // per, len(src))
-
-
-# ---------------------------------------------------------------------------------------
-# Union (super-multi-class) and grouping for per-class evaluation.
-# ---------------------------------------------------------------------------------------
-
-
-def union(*sample_lists: Sequence[Sample]) -> list[Sample]:
-  """Concatenate datasets into one training/evaluation list (order kept, duplicates refused)."""
-  out = [s for samples in sample_lists for s in samples]
-  dup = [p for p, n in collections.Counter(s.image_path for s in out).items() if n > 1]
-  if dup:
-    raise ValueError(f"{len(dup)} images appear twice in the union, e.g. {dup[0]}: the same "
-                     "dataset (or category) is listed twice in the config")
-  return out
-
-
-def read_union(specs: Sequence[Mapping[str, Any]], split: str) -> list[Sample]:
-  """Config-driven union: specs like [{"name": "mvtec", "root": ..., "categories": [...]}, ...].
-
-  Extra keys of a spec are passed to `readers.read_dataset` (e.g. Real-IAD's resolution or view
-  filter). categories None or empty means all classes of that dataset.
-  """
-  from inpformer_jax.data import readers
-  lists = []
-  for spec in specs:
-    spec = dict(spec)
-    name, root = spec.pop("name"), spec.pop("root")
-    categories = spec.pop("categories", None) or None
-    lists.append(readers.read_dataset(name, root, categories, split, **spec))
-  return union(*lists)
-
-
-def group_by_class(samples: Sequence[Sample]) -> dict[tuple[str, str], list[int]]:
-  """(dataset, category) -> positions in `samples`, in first-seen order (per-class metrics)."""
-  groups: dict[tuple[str, str], list[int]] = {}
-  for i, s in enumerate(samples):
-    groups.setdefault((s.dataset, s.category), []).append(i)
-  return groups

@@ -22,13 +22,18 @@ kept soft -- the evaluation decides the binarisation (> 0.5 official, > 0 paper 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# torchvision's ImageNet statistics; the pipeline applies them in float32 as torch does.
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = np.array(IMAGENET_MEAN_RGB, np.float32)
+IMAGENET_STD = np.array(IMAGENET_STD_RGB, np.float32)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ImageReadError(OSError):
@@ -135,3 +140,17 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     raise ImageReadError(f"file not found: {path}") from e
   except Exception as e:
     raise ImageReadError(f"cannot read the header of {path}: {type(e).__name__}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """The sizes a model was trained with: PIL resize to `resize`, centre crop to `crop`."""
+  resize: int = 448
+  crop: int = 392
+
+  def image(self, path: str | os.PathLike) -> np.ndarray:
+    return load_image(path, self.resize, self.crop)
+
+  def mask(self, path: str | os.PathLike | None) -> np.ndarray:
+    return load_mask(path, self.resize, self.crop)
+

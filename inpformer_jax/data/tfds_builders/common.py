@@ -25,6 +25,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 from PIL import Image
 
 from inpformer_jax.data import preprocess
+from inpformer_jax.data import readers
 from inpformer_jax.data.records import Sample
 
 SPLITS = ("train", "test")
@@ -131,7 +132,6 @@ class AnomalyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    from inpformer_jax.data import readers  # Readers validate the layout and name bad files.
     root = os.fspath(dl_manager.manual_dir)
     cfg = self.builder_config
     out = {}

@@ -1,0 +1,202 @@
+r"""Anomaly scores, maps, overlays and pass/fail decisions for new images.
+
+  python -m inpformer_jax.deploy.predict --checkpoint demo_workdir \
+      --input demo_data/brick/test --output predictions/
+
+--checkpoint is a training workdir of ours (its latest checkpoint + config.json), a converted
+params dir (`weights_conversion/convert_inpformer.py`) or an official `model.pth`. Images go
+through exactly the evaluation preprocessing and forward (`deploy.inferencer`). Per image
+OUTPUT gets:
+  maps/<relative path>.npy          float32 (256, 256) smoothed anomaly map, or
+  maps/<relative path>.png          16-bit PNG: map = png * map_scale / 65535 (map_scale in the CSV)
+  overlays/<relative path>.png      the map (jet) over the centre-cropped input image
+plus predictions.csv and predictions.jsonl (path, score, decision, map file, map_scale, ...).
+The decision is "anomalous" when score > threshold; the threshold is --threshold FLOAT, or
+(--threshold auto, the default) the image threshold of the checkpoint's calibration.json
+(`python -m inpformer_jax.deploy.calibrate`); without one no decision is written.
+
+Exit status: 0 all images processed; 2 some inputs could not be read (each is named on stderr
+and in predictions.jsonl with an "error"; the others are processed); 1 a usage error.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from inpformer_jax.data import preprocess
+from inpformer_jax.deploy import calibration as calib_lib
+from inpformer_jax.deploy import flags
+from inpformer_jax.deploy.inferencer import Inferencer, expand_inputs, relative_names
+from inpformer_jax.loading import Loaded, warn
+
+MAP_FORMATS = ("npy", "png16")
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+  """x in [0, 1] (H, W) -> uint8 RGB (H, W, 3), matplotlib's 'jet' (piecewise linear)."""
+  x = np.clip(x, 0.0, 1.0)
+  r = np.clip(np.minimum(4 * x - 1.5, -4 * x + 4.5), 0, 1)
+  g = np.clip(np.minimum(4 * x - 0.5, -4 * x + 3.5), 0, 1)
+  b = np.clip(np.minimum(4 * x + 0.5, -4 * x + 2.5), 0, 1)
+  return (np.stack([r, g, b], -1) * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
+            alpha: float = 0.5) -> np.ndarray:
+  """Normalised input (S, S, 3) + map (256, 256) -> uint8 RGB (S, S, 3): the map resized
+  (PIL bilinear) onto the centre-cropped input and blended with jet colours."""
+  s = image.shape[0]
+  rgb = np.clip(image * preprocess.IMAGENET_STD + preprocess.IMAGENET_MEAN, 0, 1) * 255
+  m = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(
+      (s, s), Image.Resampling.BILINEAR))
+  colours = jet((m - vmin) / max(vmax - vmin, 1e-12)).astype(np.float32)
+  return (rgb * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+
+
+def save_map(amap: np.ndarray, path_stem: Path, fmt: str) -> tuple[str, float | None]:
+  """-> (file written, map_scale) ; png16: map = png * map_scale / 65535."""
+  path_stem.parent.mkdir(parents=True, exist_ok=True)
+  if fmt == "npy":
+    path = path_stem.with_name(path_stem.name + ".npy")  # a.v1 -> a.v1.npy, not a.npy
+    np.save(path, amap.astype(np.float32))
+    return str(path), None
+  scale = float(max(amap.max(), 0.0)) or 1.0
+  q = np.round(np.clip(amap / scale, 0, 1) * 65535).astype(np.uint16)
+  path = path_stem.with_name(path_stem.name + ".png")
+  Image.fromarray(q).save(path)  # uint16 -> mode I;16
+  return str(path), scale
+
+
+def read_png16_map(path: str | os.PathLike, map_scale: float) -> np.ndarray:
+  """Inverse of the png16 format: float32 map (quantisation error <= map_scale / 131070)."""
+  return np.asarray(Image.open(path), np.float32) * np.float32(map_scale / 65535)
+
+
+def unmatched_reason(pattern: str) -> str:
+  if os.path.isdir(pattern):
+    return f"a folder without images ({', '.join(preprocess.IMAGE_EXTENSIONS)})"
+  return "no such file, folder or matching glob"
+
+
+def predict(loaded: Loaded, inputs: Sequence[str], output: str, *, batch_size: int = 8,
+            threshold: str | float = "auto", map_format: str = "npy", overlays: bool = True,
+            progress: bool = True) -> dict:
+  """Scores `inputs` and writes OUTPUT; -> {"rows", "failed": [(path, error)], "info",
+  "threshold", "compilations"}."""
+  if map_format not in MAP_FORMATS:
+    raise ValueError(f"--map-format {map_format!r}: one of {MAP_FORMATS}")
+  files, unmatched = expand_inputs(inputs)
+  failed = [(u, unmatched_reason(u)) for u in unmatched]
+  thr = _resolve_threshold(threshold, loaded)
+  out = Path(output)
+  out.mkdir(parents=True, exist_ok=True)
+  names = dict(zip(files, relative_names(files)))
+  # maps/<name without extension>.npy, but x.png and x.jpg of one folder keep theirs apart.
+  stems = collections.Counter(str(Path(n).with_suffix("")) for n in names.values())
+  out_stem = {f: Path(n) if stems[str(Path(n).with_suffix(""))] > 1 else Path(n).with_suffix("")
+              for f, n in names.items()}
+  inferencer = Inferencer(loaded, batch_size=batch_size)
+  cal = loaded.calibration or {}
+  pix = cal.get("pixel") or {}
+  rows = []
+  for r in inferencer.run(files, progress=progress):
+    if r.error is not None:
+      failed.append((r.path, r.error))
+      print(f"ERROR: {r.path}: {r.error}", file=sys.stderr)
+      continue
+    stem = out_stem[r.path]
+    map_file, scale = save_map(r.anomaly_map, out / "maps" / stem, map_format)
+    row = {"path": r.path, "name": names[r.path], "score": r.score,
+           "map_file": os.path.relpath(map_file, out), "map_scale": scale,
+           "map_max": float(r.anomaly_map.max())}
+    if cal.get("normalization"):
+      row["score_normalized"] = float(calib_lib.normalize(r.score, cal["normalization"]))
+    if thr is not None:
+      row["threshold"] = thr
+      row["decision"] = "anomalous" if r.score > thr else "normal"
+    if pix.get("threshold") is not None:
+      row["anomalous_pixel_fraction"] = float(np.mean(r.anomaly_map > pix["threshold"]))
+    if overlays:
+      lo, hi = ((pix["min"], pix["max"]) if "min" in pix and "max" in pix
+                else (float(r.anomaly_map.min()), float(r.anomaly_map.max())))
+      ov = out / "overlays" / stem.with_name(stem.name + ".png")
+      ov.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(overlay(r.image, r.anomaly_map, lo, hi)).save(ov)
+      row["overlay_file"] = os.path.relpath(ov, out)
+    rows.append(row)
+  info = loaded.describe()
+  _write_tables(out, rows, failed, info, thr)
+  return {"rows": rows, "failed": failed, "info": info, "threshold": thr,
+          "compilations": inferencer.compilations()}
+
+
+def _resolve_threshold(threshold, loaded: Loaded) -> float | None:
+  if threshold in (None, "none"):
+    return None
+  if threshold == "auto":
+    if loaded.calibration is None:
+      warn(f"NOTE: no {loaded.source['calibration_path']}: scores only, no decisions "
+           "(calibrate with python -m inpformer_jax.deploy.calibrate, or pass --threshold FLOAT)")
+      return None
+    return float(loaded.calibration["image"]["threshold"])
+  try:
+    return float(threshold)
+  except ValueError as e:
+    raise ValueError(f"--threshold {threshold!r}: 'auto', 'none' or a number") from e
+
+
+def _write_tables(out: Path, rows, failed, info, thr) -> None:
+  cols = ["name", "score", "score_normalized", "decision", "threshold",
+          "anomalous_pixel_fraction", "map_file", "map_scale", "map_max", "overlay_file", "path"]
+  cols = [c for c in cols if any(c in r for r in rows)] or ["name", "score", "path"]
+  errors = [{"path": path, "error": err} for path, err in failed]
+  with open(out / "predictions.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols + ["error"], extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows + errors)
+  with open(out / "predictions.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows + errors)
+  meta = {k: info[k] for k in ("kind", "path", "checkpoint_id", "step", "resize", "image_size",
+                               "map_kind", "top_ratio")}
+  meta.update(threshold=thr, n_images=len(rows), n_failed=len(failed))
+  (out / "run_info.json").write_text(json.dumps(meta, indent=2))
+
+
+def _main(a) -> int:
+  res = predict(flags.load(a), a.input, a.output, batch_size=a.batch_size,
+                threshold=a.threshold, map_format=a.map_format, overlays=not a.no_overlays,
+                progress=not a.no_progress)
+  n_dec = sum(r.get("decision") == "anomalous" for r in res["rows"])
+  print(f"{len(res['rows'])} images -> {a.output}/predictions.csv"
+        + (f"; {n_dec} anomalous at threshold {res['threshold']:.6g}"
+           if res["threshold"] is not None else ""))
+  if res["failed"]:
+    print(f"{len(res['failed'])} input(s) failed:", file=sys.stderr)
+    for path, err in res["failed"]:
+      print(f"  {path}: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def main(argv=None) -> int:
+  ap = flags.parser("inpformer_jax.deploy.predict", __doc__)
+  ap.add_argument("--input", required=True, nargs="+", help="image files, folders or globs")
+  ap.add_argument("--output", required=True, help="output folder")
+  ap.add_argument("--threshold", default="auto",
+                  help="'auto' (calibration.json if any), 'none' or a number")
+  ap.add_argument("--map-format", choices=MAP_FORMATS, default="npy")
+  ap.add_argument("--no-overlays", action="store_true")
+  return flags.run(_main, ap, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,98 @@
+"""config.data -> samples: dataset specs and their errors, the union, the training source."""
+
+import numpy as np
+import pytest
+
+from configs import mvtec
+from inpformer_jax.data import datasets, fewshot, pipeline, preprocess, readers
+from inpformer_jax.settings import ConfigError
+from tests.data.helpers import CROP, RESIZE, random_mvtec, take, train
+
+CLASSES = ["bottle", "cable"]
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("mvtec"))
+  random_mvtec(root, CLASSES)
+  return root
+
+
+def _config(root, arg=""):
+  """configs/mvtec.py at the runlocal size, reading CLASSES from root."""
+  c = mvtec.get_config(",".join(filter(None, [arg, "runlocal=True"])))
+  c.data.roots.mvtec = root
+  c.data.categories.mvtec = ",".join(CLASSES)
+  return c
+
+
+def test_union_and_groups(tmp_path):
+  random_mvtec(str(tmp_path / "mvtec"), ["bottle", "cable"], seed=0)
+  random_mvtec(str(tmp_path / "mpdd"), ["tubes"], seed=2)
+  specs = [{"name": "mvtec", "root": str(tmp_path / "mvtec"), "categories": ["bottle", "cable"]},
+           {"name": "mpdd", "root": str(tmp_path / "mpdd"), "categories": None}]
+  train_samples = datasets.read(specs, "train")
+  assert len(train_samples) == 9
+  test = datasets.read(specs, "test")
+  # The union keeps each dataset's order: (dataset, class) groups are contiguous, in order.
+  groups = [(s.dataset, s.category) for s in test]
+  assert list(dict.fromkeys(groups)) == [("mvtec", "bottle"), ("mvtec", "cable"),
+                                         ("mpdd", "tubes")]
+  assert groups == sorted(groups, key=list(dict.fromkeys(groups)).index)
+  # One training stream over all datasets.
+  seen = np.concatenate([b["index"] for b in take(train(train_samples, global_batch_size=3), 3)])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(9))
+  # Evaluation rows carry the dataset so metrics can be grouped per (dataset, class).
+  b = next(iter(pipeline.eval_batches(test, resize=RESIZE, crop=CROP, batch_size=16,
+                                      process_index=0, process_count=1)))
+  assert set(b["dataset"][b["valid"]]) == {"mvtec", "mpdd"}
+  with pytest.raises(ValueError, match="appear twice"):
+    datasets.union(train_samples, train_samples[:1])
+  assert readers.classes_of(test) == ["bottle", "cable", "tubes"]
+
+
+def test_specs_from_the_config(mvtec_root):
+  c = _config(mvtec_root)
+  assert datasets.specs(c.data, "train") == [
+      {"name": "mvtec", "root": mvtec_root, "categories": ["bottle", "cable"]}]
+  c.data.categories.mvtec = ""
+  c.data.test = "mvtec, demo"
+  c.data.roots.demo = mvtec_root
+  assert datasets.specs(c.data, "test") == [
+      {"name": "mvtec", "root": mvtec_root, "categories": None},
+      {"name": "demo", "root": mvtec_root, "categories": None}]
+
+
+def test_specs_errors_name_the_fix(mvtec_root, tmp_path):
+  c = _config(mvtec_root)
+  c.data.train = " , "
+  with pytest.raises(ConfigError, match=r"config\.data\.train is empty"):
+    datasets.specs(c.data, "train")
+  c.data.train = "mvtec,nope"
+  with pytest.raises(ConfigError, match=r"'nope'.*config\.data\.roots\.nope"):
+    datasets.specs(c.data, "train")
+  c.data.roots.mvtec = str(tmp_path / "missing")
+  with pytest.raises(ConfigError, match=r"'mvtec' not found.*--config\.data\.roots\.mvtec="):
+    datasets.specs(c.data, "test")
+
+
+def test_training_source_multi_class_is_the_samples(mvtec_root):
+  c = _config(mvtec_root)
+  samples = datasets.read(datasets.specs(c.data, "train"), "train")
+  assert len(samples) == 6
+  assert datasets.training_source(c, samples) is samples
+
+
+def test_training_source_few_shot_is_the_support_set(mvtec_root):
+  c = _config(mvtec_root, "setting=few_shot,shots=2")
+  samples = datasets.read(datasets.specs(c.data, "train"), "train")
+  out = datasets.training_source(c, samples)
+  crop = c.data.crop
+  assert out.shape == (2 * len(CLASSES) * 22, crop, crop, 3) and out.dtype == np.float32
+  shots = fewshot.select_shots(samples, 2, c.seed)
+  want = fewshot.support_set(shots, preprocess.Preprocessing(c.data.resize, crop), seed=c.seed)
+  np.testing.assert_array_equal(out, want)
+  c.few_shot.augment = False
+  plain = datasets.training_source(c, samples)
+  np.testing.assert_array_equal(
+      plain, np.stack([preprocess.load_image(s.image_path, c.data.resize, crop) for s in shots]))
