@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # torch 2.13.0 is the CPU build that lies on this machine's disk; any other version
-# would download a multi-GB CUDA build. It is needed by the tests and weights_conversion only.
+# would download a multi-GB CUDA build. Only the tests need it (their PyTorch references).
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 

@@ -161,7 +161,7 @@ def test_recipes_reuse_compiled_steps_only_for_the_same_config(data, recipes):
 # Resume after kill -9 (the CLI in a subprocess, killed from outside).
 # ---------------------------------------------------------------------------------------
 
-RESUME = {"train.total_steps": 12, "train.checkpoint_every_steps": 1,
+RESUME = {"train.total_steps": 8, "train.checkpoint_every_steps": 2,
           "train.log_every_steps": 1}
 
 
@@ -201,5 +201,6 @@ def test_resume_after_kill_equals_uninterrupted_run(data, recipes, tmp_path, com
   assert all(r["lr"] > 0 for r in rows[resume_at:])
   want, got = final_params(straight), final_params(killed)
   assert max_abs_diff(want, got) <= 1e-6
-  initial = recipes.get(local_config(mvtec.get_config, "", data, **RESUME), 12).trainable
+  initial = recipes.get(local_config(mvtec.get_config, "", data, **RESUME),
+                        RESUME["train.total_steps"]).trainable
   assert max_abs_diff(want, initial) > 1e-3
