@@ -93,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.resize = 448  # PIL bilinear resize to (resize, resize) ...
   c.data.crop = 392    # ... then centre crop: the model's input side.
   c.data.num_workers = 4  # grain worker processes (0 = in the main process).
+  # Where the pixels come from: 'files' (the images under data.roots) or 'array_record' (the
+  # pre-resized shards `python -m inpformer_jax.data.prepare` wrote under data.tfds_dir; the
+  # same samples in the same order, no decode of the full-size originals).
+  c.data.source = "files"
+  c.data.tfds_dir = config_dict.placeholder(str)
 
   # ---- model (inpformer_jax.models.inp_former.build_model) -----------------------------
   c.model = ml_collections.ConfigDict()
@@ -152,10 +157,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_to_keep = 2
   # Compute the frozen encoder's two feature groups once and train the rest from them.
   # Exact (the recipes have no random augmentation); kept in device memory when it is
-  # smaller than cache_device_bytes, else a memory-mapped .npy under cache_dir.
+  # smaller than cache_device_bytes (host memory with several processes), else a
+  # memory-mapped .npy under cache_dir.
   c.train.cache_features = False
   c.train.cache_device_bytes = 4 * 2**30
   c.train.cache_dir = config_dict.placeholder(str)  # None = WORKDIR/feature_cache.
+  # Data shards of the cache (0 = the process count): each process encodes, stores and
+  # reads only its shards' rows; a fixed count gives the same batches on any number of
+  # processes (1 = the uncached run's order). Divides batch_size; a multiple of the
+  # process count. See inpformer_jax/feature_cache.py.
+  c.train.cache_shards = 0
 
   # ---- few-shot (setting=few_shot) -----------------------------------------------------
   c.few_shot = ml_collections.ConfigDict()

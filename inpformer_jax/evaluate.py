@@ -7,8 +7,23 @@
                            `F.interpolate(gt, 256, mode='nearest')`; the metric binarises it
 
 Maps are reduced per class as they arrive (`metrics.MetricAccumulator`), so host memory is
-bounded by one class, never by the test set. Every process runs the same padded batches; the
-maps are gathered once to process 0, which alone accumulates (and `reports` writes).
+bounded by one class, never by the test set. Every process runs the same number of padded
+batches and accumulates only its own valid rows (`pipeline.eval_batches` gives each its slice
+of every global batch), so each test image is evaluated once. At the end every class is
+merged exactly across processes (`result(reduce)`, in the order of `samples`, the same
+everywhere): the anomalous pixels (score + region area) and the image labels and scores
+are gathered to every process and the negatives' counts summed; the normal pixels never
+leave their process. Process 0 returns the results (and `reports` writes).
+
+Per-process memory of the merge, for a class of N test images of which a fraction f of the
+256x256 pixels is anomalous, on P processes: the local state, 4 B per normal and 8 B per
+anomalous pixel of the process's own N/P images, plus, during `result()`, ~35-40 B per
+anomalous pixel of the WHOLE class (all positives gathered, concatenated, argsorted), 9 B per
+image and at most `metrics.SUM_BYTES` (64 MiB) of count vectors. N = 5,000, f = 2% (6.6 M
+anomalous pixels; benchmark with the other processes simulated, numpy side): P = 1 holds
+1.34 GB + 0.36-0.54 GB in result(); P = 2: 0.67 + 0.33-0.38 GB; P = 8: 0.17 + 0.23-0.26 GB.
+Each gather also passes through the local devices (`process_allgather`: P x the largest
+part on each, briefly), i.e. ~26 MB per device for those 6.6 M positives.
 """
 
 from __future__ import annotations
@@ -16,8 +31,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -39,67 +54,105 @@ def make_forward(model, config, mesh):
       top_ratio=config.eval.top_ratio, out_sharding=sharding.batch_sharding(mesh))
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  """A batch-sharded global array -> the full numpy array on every process."""
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
              workdir: str | os.PathLike | None = None, desc: str = "eval",
-             forward=None) -> dict:
+             forward=None, source=None) -> dict:
   """Runs the test set through the model and returns {dataset: {category: metrics}}.
 
   `params` is the full parameter tree (encoder + trainable), placed on `mesh`; `forward` a
-  jitted function from `make_forward` to reuse (one is made if None).
+  jitted function from `make_forward` to reuse (one is made if None); `source` the grain
+  source of the samples' images (record i: samples[i]; None: the image files). With several
+  processes every one calls this with the same `samples`; process 0 gets the results, the
+  others {}.
   """
   ec = config.eval
   sharding.check_batch_size(ec.batch_size, mesh, "config.eval.batch_size")
   forward = forward or make_forward(model, config, mesh)
-  batches = pipeline.eval_batches(samples, resize=config.data.resize, crop=config.data.crop,
-                                  batch_size=ec.batch_size, num_workers=config.data.num_workers)
+  batches = pipeline.eval_batches(None if source is not None else samples,
+                                  resize=config.data.resize, crop=config.data.crop,
+                                  batch_size=ec.batch_size, num_workers=config.data.num_workers,
+                                  source=source)
   is_main = jax.process_index() == 0
-  accs: dict[tuple[str, str], Any] = {}
+  # Every class of `samples`, in one order on every process (the merge's collectives follow
+  # it), with masks decided per class: a process may see no rows of a class.
+  has_mask: dict[tuple[str, str], bool] = {}
+  for s in samples:
+    key = (s.dataset, s.category)
+    has_mask[key] = has_mask.get(key, True) and s.has_mask
+  accs = {key: metrics_lib.MetricAccumulator(protocol=ec.protocol, gt_threshold=ec.gt_threshold)
+          for key in has_mask}
   overlays: dict[tuple[str, str], list] = {}
-  t0 = time.time()
+  n_rows, t0 = 0, time.time()
   for batch in tqdm.tqdm(batches, total=len(batches), desc=desc, disable=not is_main,
                          dynamic_ncols=True):
     out = forward(params, sharding.global_batch({"image": batch["image"]}, mesh)["image"])
-    maps, scores = _to_host(out["anomaly_map"]), _to_host(out["score"])
-    index = _gather_local(np.asarray(batch["index"]), mesh)
-    masks = _gather_local(np.asarray(batch["mask"], np.float32), mesh)
-    if not is_main:
-      continue
-    masks = anomaly_map.resize_masks_to_map(masks)
+    maps, scores = _local_rows(out["anomaly_map"]), _local_rows(out["score"])
+    index = np.asarray(batch["index"])
+    masks = anomaly_map.resize_masks_to_map(np.asarray(batch["mask"], np.float32))
     valid = index >= 0
+    n_rows += int(valid.sum())
     for key, rows in _group_rows(samples, index[valid]).items():
       rows = np.flatnonzero(valid)[rows]
-      if key not in accs:
-        accs[key] = metrics_lib.MetricAccumulator(protocol=ec.protocol,
-                                                  gt_threshold=ec.gt_threshold)
       labels = np.array([samples[i].label for i in index[rows]], np.int32)
-      has_mask = all(samples[i].has_mask for i in index[rows])
-      accs[key].add(maps[rows], masks[rows] if has_mask else None, labels, scores[rows])
+      accs[key].add(maps[rows], masks[rows] if has_mask[key] else None, labels, scores[rows])
       if ec.num_overlays:
         _keep_overlays(overlays.setdefault(key, []), ec.num_overlays, batch, index, rows,
                        maps, masks, scores, samples)
-  if not is_main:
-    return {}
-  logging.info("evaluated %d test images in %.1fs", len(samples), time.time() - t0)
+  logging.info("process %d/%d evaluated %d of %d test images in %.1fs", jax.process_index(),
+               jax.process_count(), n_rows, len(samples), time.time() - t0)
+  reduce = _ProcessGather() if jax.process_count() > 1 else None
   results: dict[str, dict[str, dict]] = {}
   for (dataset, category), acc in accs.items():
-    results.setdefault(dataset, {})[category] = {k: float(v) for k, v in acc.result().items()}
+    res = acc.result(reduce)
+    results.setdefault(dataset, {})[category] = {k: float(v) for k, v in res.items()}
+  if not is_main:
+    return {}
   if workdir is not None and ec.num_overlays:
     reports.save_overlays(overlays, Path(workdir) / "overlays")
   return results
 
 
-def _gather_local(x: np.ndarray, mesh) -> np.ndarray:
-  """Host-local rows of every process, concatenated in process order (== global order)."""
-  if jax.process_count() == 1:
-    return x
-  return _to_host(sharding.global_batch({"x": x}, mesh)["x"])
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in the order of its local batch.
+
+  `jax.make_array_from_process_local_data` (`sharding.global_batch`) lays the local rows
+  over this process's row blocks in ascending global order, contiguous or not: reading
+  the addressable shards sorted by their first row undoes it.
+  """
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # one per block
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+class _ProcessGather:
+  """`metrics.MetricAccumulator.result`'s reducer over the processes.
+
+  Variable-length all-gathers of raw bytes: exact for every dtype (int64 and float64 too,
+  which JAX's 32-bit default would cast); the padded length is bucketed so the gathers
+  compile for a few shapes, not one per class.
+  """
+
+  def gather(self, x: np.ndarray) -> list[np.ndarray]:
+    x = np.ascontiguousarray(x).reshape(-1)
+    data = x.view(np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32)))
+    sizes = sizes.reshape(-1).tolist()
+    size = _bucket(max(sizes))
+    if size == 0:
+      return [x[:0]] * len(sizes)
+    padded = np.zeros(size, np.uint8)
+    padded[:len(data)] = data
+    everyone = np.asarray(multihost_utils.process_allgather(padded))  # (processes, size)
+    return [everyone[p, :n].view(x.dtype) for p, n in enumerate(sizes)]
+
+
+def _bucket(n: int) -> int:
+  """n rounded up to 8 steps per power of two (at most 1/8 of padding)."""
+  if n <= 64:
+    return 0 if n == 0 else 64
+  step = 1 << (n.bit_length() - 4)
+  return -(-n // step) * step
 
 
 def _group_rows(samples, index: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
@@ -118,5 +171,6 @@ def _keep_overlays(store, limit, batch, index, rows, maps, masks, scores, sample
     if len(store) >= limit:
       return
     s = samples[int(index[r])]
-    store.append(dict(image=np.asarray(batch["image"][r]), mask=masks[r], map=maps[r],
-                      score=float(scores[r]), path=s.image_path, label=s.label, defect=s.defect))
+    store.append({"image": np.asarray(batch["image"][r]), "mask": masks[r], "map": maps[r],
+                  "score": float(scores[r]), "path": s.image_path, "label": s.label,
+                  "defect": s.defect})

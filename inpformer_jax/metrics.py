@@ -20,11 +20,9 @@ I-AUROC, I-AP, I-F1max (image level, from image scores) and P-AUROC, P-AP, P-F1m
   trapezoid rule from FPR 0 to 0.3 (the curve linearly interpolated at 0.3), divided by 0.3 --
   the definition of the MVTec AD evaluation code (Bergmann et al., IJCV 2021).
 
-Both protocols share one exact core. For the distinct scores u of the positive (anomalous)
-pixels it counts the positives and negatives at or above u; AUROC, AP, F1max and the PRO
-curve only change at those scores, so they follow exactly from these counts. The official
-histogram is read off the same sorted arrays: the float32 bin rule is monotone in x, so each
-bin's pixels form a contiguous run found by bisection.
+Both protocols share one exact core (`metric_curves`): counts, at the distinct scores of the
+positive (anomalous) pixels, of the positives and negatives at or above them; the official
+histogram is read off the same sorted arrays.
 
 Memory, and the min/max problem. adeval needs the class's global map min/max before the
 first pixel is binned, and the official P-F1max is exact on all pixels; neither allows a
@@ -35,27 +33,38 @@ when min/max are known: ONE pass over the maps, host memory bounded by the class
 test set (measured peak ~80 MB + 4.3 B/pixel: 350 MB for 1,000 maps of 256x256, where
 scikit-learn peaks at 3.4 GB; benchmarks/metrics_bench.py). `result()` adds one 64 MiB block
 and an argsort of the anomalous pixels. With masks=None nothing per pixel is kept.
+
+Several processes. Each feeds its own rows of a class to its own accumulator; `result(reduce)`
+merges them exactly through `reduce.gather` (see `SingleProcess`). Every metric is a function
+of the positives (with their region areas) and of COUNTS of negatives -- at each distinct
+positive score (exact metrics, P-F1max) or per bin (official histogram, after a min/max over
+hosts) -- and counts add over any split of the negatives. So the positives and image
+scores are gathered to every process, count vectors are summed, and the negatives, nearly
+all the pixels, never leave their process.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from tqdm import tqdm
 
+from inpformer_jax import metric_curves as C
+from inpformer_jax.metric_curves import F1_EPS, OFFICIAL_NBINS
+
 METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 IMAGE_METRICS = METRIC_NAMES[:3]
 PIXEL_METRICS = METRIC_NAMES[3:]
 PROTOCOLS = ("official", "exact")
 
-OFFICIAL_NBINS = 200  # ader_evaluator: EvalAccumulatorCuda(..., nstrips=200)
-AUPRO_FPR_LIMIT = 0.3
-F1_EPS = 1e-7  # utils.f1_score_max: 2PR / (P + R + 1e-7)
+# Bytes of a count vector summed over processes per gather, all processes' parts together:
+# a merge holds this much of them at once, not one count per distinct positive score per
+# process.
+SUM_BYTES = 64 << 20
 
 # 8-connectivity inside each image, none across the batch axis (cv2 connectivity=8).
 _CC_STRUCTURE = np.zeros((3, 3, 3), bool)
@@ -68,180 +77,6 @@ class Metrics(dict):
   def __init__(self, values: Mapping[str, float], info: dict | None = None):
     super().__init__(values)
     self.info = dict(info or {})
-
-
-# ---------------------------------------------------------------------------------------
-# Exact core: counts at the distinct positive scores.
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ranks:
-  """Counts at the distinct scores u_1 > u_2 > ... > u_U of the positives.
-
-  pos: (U,) int64 positives equal to u; pos_w: (U,) float64 their summed weights;
-  neg_ge / neg_eq: (U,) int64 negatives >= u / == u.
-  """
-
-  pos: np.ndarray
-  pos_w: np.ndarray
-  neg_ge: np.ndarray
-  neg_eq: np.ndarray
-  n_pos: int
-  n_neg: int
-
-
-def _ranks(pos_sorted: np.ndarray, neg_sorted: np.ndarray, pos_w_sorted=None) -> _Ranks:
-  """Both score arrays sorted ascending; weights aligned with `pos_sorted`."""
-  n = len(pos_sorted)
-  starts = np.flatnonzero(np.r_[True, pos_sorted[1:] != pos_sorted[:-1]])
-  u = pos_sorted[starts]  # ascending distinct positive scores
-  count = np.diff(np.r_[starts, n])
-  if pos_w_sorted is None:
-    w = count.astype(np.float64)
-  else:
-    w = np.add.reduceat(pos_w_sorted.astype(np.float64), starts) if n else np.zeros(0)
-  lo = np.searchsorted(neg_sorted, u, side="left")
-  hi = np.searchsorted(neg_sorted, u, side="right")
-  n_neg = len(neg_sorted)
-  rev = slice(None, None, -1)  # descending thresholds from here on
-  return _Ranks(count[rev], w[rev], (n_neg - lo)[rev], (hi - lo)[rev], n, n_neg)
-
-
-def _exact_auroc(r: _Ranks) -> float:
-  # Mann-Whitney U with ties counted 1/2 == the area under sklearn's ROC (trapezoids
-  # through all distinct thresholds). Integer sums (2x to keep the 1/2 integral).
-  n_lt = r.n_neg - r.neg_ge
-  twice_u = int(np.sum(r.pos * (2 * n_lt + r.neg_eq)))
-  return twice_u / (2.0 * r.n_pos * r.n_neg)
-
-
-def _pr_at_positive_thresholds(r: _Ranks) -> tuple[np.ndarray, np.ndarray]:
-  tp = np.cumsum(r.pos)
-  precision = tp / (tp + r.neg_ge)  # tp + fp >= 1 at every positive score
-  recall = tp / tp[-1]
-  return precision, recall
-
-
-def _exact_ap(r: _Ranks) -> float:
-  # sklearn's step AP: sum_k (R_k - R_{k-1}) P_k; only thresholds where recall moves count.
-  precision, recall = _pr_at_positive_thresholds(r)
-  return float(np.sum(np.diff(recall, prepend=0.0) * precision))
-
-
-def _exact_f1max(r: _Ranks) -> float:
-  # Official f1_score_max. At a threshold holding negatives only, recall equals that of the
-  # next higher positive score and precision is lower, so the max lies at a positive score.
-  precision, recall = _pr_at_positive_thresholds(r)
-  return float(np.max(2 * precision * recall / (precision + recall + F1_EPS)))
-
-
-def _area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:
-  """Trapezoid area under the polyline (x non-decreasing) from x[0] to `limit`."""
-  i = int(np.searchsorted(x, limit, side="right"))  # x[:i] <= limit < x[i:]
-  area = float(np.trapezoid(y[:i], x[:i]))
-  if i < len(x) and x[i - 1] < limit:
-    t = (limit - x[i - 1]) / (x[i] - x[i - 1])
-    y_lim = y[i - 1] + t * (y[i] - y[i - 1])
-    area += (limit - x[i - 1]) * (y[i - 1] + y_lim) / 2.0
-  return area
-
-
-def _exact_aupro(r: _Ranks, n_regions: int, limit: float = AUPRO_FPR_LIMIT) -> float:
-  # Vertices of the PRO curve: just above and at each positive score (negatives-only
-  # thresholds in between are horizontal runs), framed by (0, 0) and (1, PRO_min).
-  w_ge = np.cumsum(r.pos_w) / n_regions
-  w_gt = np.r_[0.0, w_ge[:-1]]
-  fpr_ge = r.neg_ge / r.n_neg
-  fpr_gt = (r.neg_ge - r.neg_eq) / r.n_neg
-  x = np.r_[0.0, np.stack([fpr_gt, fpr_ge], 1).ravel(), 1.0]
-  y = np.r_[0.0, np.stack([w_gt, w_ge], 1).ravel(), w_ge[-1]]
-  return float(_area_to_limit(x, y, limit) / limit)
-
-
-# ---------------------------------------------------------------------------------------
-# Official: adeval's histogram accumulator, read off the sorted arrays.
-# ---------------------------------------------------------------------------------------
-
-
-def _official_bin(x: np.ndarray, lo: np.float32, hi: np.float32, nbins: int) -> np.ndarray:
-  # torch.histc (CPU and CUDA): (x - min) * nbins / (max - min) in float32, truncated;
-  # x == max goes to the last bin.
-  b = ((x - lo) * np.float32(nbins) / (hi - lo)).astype(np.int64)
-  return np.minimum(b, nbins - 1)
-
-
-def _official_hist(s: np.ndarray, lo, hi, nbins: int, cum_w=None) -> np.ndarray:
-  """adeval's (nbins + 2,) float64 stat of ascending `s`: [< lo, histc bins, >= hi].
-
-  With `cum_w` (len(s) + 1 cumulative weights) the stat is weighted.
-  """
-  n = len(s)
-  a = int(np.searchsorted(s, lo, side="left"))  # first >= lo
-  b = int(np.searchsorted(s, hi, side="right"))  # first > hi
-  c = int(np.searchsorted(s, hi, side="left"))  # first >= hi
-  # Run boundaries inside s[a:b]: first index whose bin is >= k, k = 1..nbins-1, by a
-  # vectorised bisection (the float32 bin rule is monotone in x).
-  target = np.arange(1, nbins)
-  left = np.full(nbins - 1, a, np.int64)
-  right = np.full(nbins - 1, b, np.int64)
-  while np.any(left < right):
-    active = left < right
-    mid = (left + right) // 2
-    ok = _official_bin(s[np.minimum(mid, n - 1)], lo, hi, nbins) >= target
-    right = np.where(active & ok, mid, right)
-    left = np.where(active & ~ok, mid + 1, left)
-  idx = np.r_[a, left, b]  # histc bins: [lo, hi]; underflow [0, a); overflow [c, n)
-  if cum_w is None:
-    return np.r_[a, np.diff(idx), n - c].astype(np.float64)
-  return np.r_[cum_w[a] - cum_w[0], np.diff(cum_w[idx]), cum_w[n] - cum_w[c]]
-
-
-def _official_curve(pos_stat: np.ndarray, neg_stat: np.ndarray):
-  """adeval _AccumulateStatCurve._summary: tp/fp/tn/fn at the nbins + 1 cut points."""
-  fn = np.cumsum(pos_stat)
-  tn = np.cumsum(neg_stat)
-  p, n = fn[-1], tn[-1]
-  fn, tn = fn[:-1], tn[:-1]
-  return p - fn, n - tn, tn, fn  # tp, fp, tn, fn
-
-
-def _trapezoid_intep(interp: float, area: float, y1: float, y2: float) -> float:
-  # adeval's partial trapezoid: rectangle share * t + triangle share * t^2.
-  denom = y1 + 0.5 * (y2 - y1)
-  rect_ratio = y1 / denom if denom != 0 else 0.0  # denom == 0 -> area == 0 (adeval: NaN)
-  return area * rect_ratio * interp + area * (1 - rect_ratio) * interp * interp
-
-
-def _official_pixel(pos, pos_w, neg, lo, hi, nbins) -> tuple[float, float, float]:
-  """P-AUROC, P-AP, AUPRO of adeval.EvalAccumulatorCuda(..., nstrips=nbins)."""
-  pos_stat = _official_hist(pos, lo, hi, nbins)
-  neg_stat = _official_hist(neg, lo, hi, nbins)
-  wpos_stat = _official_hist(pos, lo, hi, nbins, cum_w=np.r_[0.0, np.cumsum(pos_w)])
-
-  with np.errstate(invalid="ignore", divide="ignore"):
-    tp, fp, tn, fn = _official_curve(pos_stat, neg_stat)
-    tpr = tp / (tp + fn)
-    fpr = fp / (fp + tn)
-    precision = tp / (tp + fp)
-    precision[~(tp + fp > 0)] = 1.0  # no predicted positive -> no false positive
-    auroc = float(np.trapezoid(tpr[::-1], fpr[::-1]))
-    ap = float(np.trapezoid(precision[::-1], tpr[::-1]))
-
-    wtp, wfp, wtn, wfn = _official_curve(wpos_stat, neg_stat)  # negatives weigh 1
-    pro = wtp / (wtp + wfn)
-    wfpr = wfp / (wfp + wtn)
-  mask = wfpr <= AUPRO_FPR_LIMIT
-  if not mask.any():  # > 30% of normal pixels sit at the max; adeval raises IndexError
-    return auroc, ap, math.nan
-  lo_pro, lo_fpr = pro[mask][::-1], wfpr[mask][::-1]
-  hi_pro, hi_fpr = pro[~mask][::-1], wfpr[~mask][::-1]
-  lo_area = float(np.trapezoid(lo_pro, lo_fpr))
-  hi_area = float(np.trapezoid(hi_pro, hi_fpr))
-  total = float(np.trapezoid(pro[::-1], wfpr[::-1]))
-  t = (AUPRO_FPR_LIMIT - lo_fpr[-1]) / (hi_fpr[0] - lo_fpr[-1])
-  part = _trapezoid_intep(t, total - (lo_area + hi_area), lo_pro[-1], hi_pro[0])
-  return auroc, ap, (lo_area + part) / AUPRO_FPR_LIMIT
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,8 +97,8 @@ def _image_metrics(labels: np.ndarray, scores: np.ndarray, protocol: str) -> dic
         "I-AP": float(average_precision_score(labels, scores)),
         "I-F1max": float(f1s[:-1].max()),
     }
-  r = _ranks(np.sort(scores[labels]), np.sort(scores[~labels]))
-  return {"I-AUROC": _exact_auroc(r), "I-AP": _exact_ap(r), "I-F1max": _exact_f1max(r)}
+  r = C.ranks(np.sort(scores[labels]), np.sort(scores[~labels]))
+  return {"I-AUROC": C.exact_auroc(r), "I-AP": C.exact_ap(r), "I-F1max": C.exact_f1max(r)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,25 +236,37 @@ class MetricAccumulator:
     """Host bytes held for the pixels (what bounds memory)."""
     return sum(c.size * c.dtype.itemsize for c in (self._neg, self._pos, self._pos_area))
 
-  def result(self) -> Metrics:
-    """The seven metrics; NaN (with a note in `.info`) where one is undefined."""
-    labels = np.concatenate(self._labels or [np.zeros(0, bool)])
-    scores = np.concatenate(self._scores or [np.zeros(0)])
+  def result(self, reduce=None) -> Metrics:
+    """The seven metrics; NaN (with a note in `.info`) where one is undefined.
+
+    reduce: None when this accumulator saw the whole class. With several processes, each
+      holding the accumulator of its own rows of the class (possibly none), a reducer
+      whose `gather` spans them (see `SingleProcess`): every process calls result() for
+      the same classes in the same order, and each gets the metrics of the union.
+    """
+    merge = _Merge(reduce or SingleProcess())
+    flags = merge.concat(np.array([-1 if self._has_masks is None else self._has_masks],
+                                  np.int8))  # -1: no rows here, the others decide
+    if len(set(flags[flags >= 0].tolist())) > 1:
+      raise ValueError("metrics: some processes gave masks for this class and some did not; "
+                       "decide masks per class (Sample.has_mask), not per batch.")
+    has_masks = bool(np.any(flags == 1))
+    labels = merge.concat(np.concatenate(self._labels or [np.zeros(0, bool)]))
+    scores = merge.concat(np.concatenate(self._scores or [np.zeros(0)]))
     info = {"protocol": self.protocol, "gt_threshold": self.gt_threshold,
-            "n_images": int(len(labels)), "pixel_metrics": bool(self._has_masks),
-            "notes": []}
+            "n_images": len(labels), "pixel_metrics": has_masks, "notes": []}
     out = _image_metrics(labels, scores, self.protocol)
     if math.isnan(out["I-AUROC"]):
       info["notes"].append("image labels hold one class only: image metrics undefined")
     pix = {k: math.nan for k in PIXEL_METRICS}
-    if self._has_masks:
-      pix = self._pixel_metrics(info)
+    if has_masks:
+      pix = self._pixel_metrics(info, merge)
     else:
       info["notes"].append("no masks: pixel metrics skipped")
     out.update(pix)
     return Metrics({k: out[k] for k in METRIC_NAMES}, info)
 
-  def _pixel_metrics(self, info: dict) -> dict:
+  def _pixel_metrics(self, info: dict, merge: _Merge) -> dict:
     # The sorted arrays are stored back: a second result() (or more add()s) stays cheap.
     neg = self._neg.gather()
     neg.sort()  # in place
@@ -429,33 +276,100 @@ class MetricAccumulator:
     del order
     self._pos.set(pos)
     self._pos_area.set(area)
-    info.update(n_pixels=int(len(pos) + len(neg)), n_anomalous_pixels=int(len(pos)),
-                n_regions=self._n_regions)
+    pos, area = merge.positives(pos, area)
+    counts = merge.sum(np.array([self._n_regions, len(neg)], np.int64))
+    n_regions, n_neg = int(counts[0]), int(counts[1])
+    info.update(n_pixels=int(len(pos) + n_neg), n_anomalous_pixels=len(pos),
+                n_regions=n_regions)
     nan = {k: math.nan for k in PIXEL_METRICS}
-    if len(pos) == 0 or len(neg) == 0:
+    if len(pos) == 0 or n_neg == 0:
       info["notes"].append("masks hold one class only: pixel metrics undefined")
       return nan
 
-    if self.protocol == "exact":
-      r = _ranks(pos, neg, 1.0 / area.astype(np.float64))
-      return {"P-AUROC": _exact_auroc(r), "P-AP": _exact_ap(r), "P-F1max": _exact_f1max(r),
-              "AUPRO": _exact_aupro(r, self._n_regions)}
+    def ranks(pos_w=None):
+      u, count, w = C.positive_levels(pos, pos_w)
+      return C.ranks_from_counts(count, w, merge.sum(C.negatives_at(neg, u)), n_neg)
 
-    out = {"P-F1max": _exact_f1max(_ranks(pos, neg))}
+    if self.protocol == "exact":
+      r = ranks(1.0 / area.astype(np.float64))
+      return {"P-AUROC": C.exact_auroc(r), "P-AP": C.exact_ap(r), "P-F1max": C.exact_f1max(r),
+              "AUPRO": C.exact_aupro(r, n_regions)}
+
+    out = {"P-F1max": C.exact_f1max(ranks())}
     if self.value_range is not None:
       lo, hi = (np.float32(v) for v in self.value_range)
     else:
-      lo, hi = min(pos[0], neg[0]), max(pos[-1], neg[-1])
+      ends = merge.concat(neg[[0, -1]] if len(neg) else neg)  # this process's min, max
+      lo, hi = min(pos[0], ends.min()), max(pos[-1], ends.max())
     info["value_range"] = (float(lo), float(hi))
     if not lo < hi:  # adeval asserts min < max
       info["notes"].append("constant anomaly maps: binned P-AUROC/P-AP/AUPRO undefined")
       return {**nan, **out}
     # adeval stores 1/area in a float32 weight map.
     pos_w = (1.0 / area.astype(np.float64)).astype(np.float32).astype(np.float64)
-    p_auroc, p_ap, aupro = _official_pixel(pos, pos_w, neg, lo, hi, self.nbins)
+    p_auroc, p_ap, aupro = C.official_pixel(
+        C.official_hist(pos, lo, hi, self.nbins),
+        C.official_hist(pos, lo, hi, self.nbins, cum_w=np.r_[0.0, np.cumsum(pos_w)]),
+        merge.sum(C.official_hist(neg, lo, hi, self.nbins)))
     if math.isnan(aupro):
       info["notes"].append("more than 30% of normal pixels at the map max: AUPRO undefined")
     return {**out, "P-AUROC": p_auroc, "P-AP": p_ap, "AUPRO": aupro}
+
+
+# ---------------------------------------------------------------------------------------
+# Merging processes.
+# ---------------------------------------------------------------------------------------
+
+
+class SingleProcess:
+  """The reducer of one process holding the whole class (`result()`'s default).
+
+  A reducer for several processes has the same `gather(x)`: every process calls it with
+  its own 1-D numpy array (any length, the same dtype everywhere), at the same point of the
+  same sequence of calls, and gets every process's array back, in process order.
+  """
+
+  def gather(self, x: np.ndarray) -> list[np.ndarray]:
+    return [x]
+
+
+class _Merge:
+  """`reduce.gather` as the concatenations and sums `result()` makes."""
+
+  def __init__(self, reduce):
+    self.reduce = reduce
+    self.processes = 1  # known after the first gather, the same on every process
+
+  def gather(self, x: np.ndarray) -> list[np.ndarray]:
+    parts = self.reduce.gather(np.ascontiguousarray(x))
+    self.processes = len(parts)
+    return parts
+
+  def concat(self, x: np.ndarray) -> np.ndarray:
+    parts = self.gather(x)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+  def sum(self, x: np.ndarray) -> np.ndarray:
+    """Elementwise sum over processes of `x` (the same shape on every process)."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if self.processes == 1:
+      return np.sum(self.gather(flat), axis=0).reshape(np.shape(x))
+    out = np.empty_like(flat)
+    chunk = max(1, SUM_BYTES // (self.processes * flat.itemsize))
+    for i in range(0, len(flat), chunk):
+      out[i:i + chunk] = np.sum(self.gather(flat[i:i + chunk]), axis=0)
+    return out.reshape(np.shape(x))
+
+  def positives(self, pos: np.ndarray, area: np.ndarray):
+    """Every process's anomalous pixels (score, region area), sorted by score."""
+    pos_parts = self.gather(pos)
+    if len(pos_parts) == 1:
+      return pos, area
+    area_parts = self.gather(area)
+    pos, area = np.concatenate(pos_parts), np.concatenate(area_parts)
+    del pos_parts, area_parts
+    order = np.argsort(pos, kind="stable")  # sorted runs, one per process: a merge
+    return pos[order], area[order]
 
 
 def compute_metrics(anomaly_maps, masks, labels, scores, protocol: str = "official",

@@ -197,12 +197,13 @@ def _single_class(config, workdir, mode, recipes):
   """Official Single_Class script: one model per class, seeded anew for each class."""
   results, info = {}, {}
   for spec in datasets.specs(config.data, "train"):
-    cats = spec["categories"] or readers.classes_of(
-        readers.read_dataset(spec["name"], spec["root"], None, "train"))
+    one = copy.deepcopy(config)
+    with one.unlocked():
+      one.data.train = one.data.test = spec["name"]
+    cats = spec["categories"] or readers.classes_of(datasets.read_split(one.data, "train").samples)
     for cat in cats:
-      sub = copy.deepcopy(config)
+      sub = copy.deepcopy(one)
       with sub.unlocked():
-        sub.data.train = sub.data.test = spec["name"]
         sub.data.categories[spec["name"]] = cat
       print(f"=== single-class {spec['name']}/{cat} ===", flush=True)
       r, info = _run(sub, os.path.join(workdir, spec["name"], cat), mode, recipes)
@@ -215,11 +216,12 @@ def _single_class(config, workdir, mode, recipes):
 
 def _run(config, workdir, mode, recipes):
   """Trains and/or evaluates one model. -> (results | None, info)."""
-  test_specs = datasets.specs(config.data, "test") if mode != "train" else None
+  # The test split is read (listed, checked) before any training: a missing dataset stops
+  # the run at once, not after hours.
+  test = datasets.read_split(config.data, "test") if mode != "train" else None
   total_steps, source = config.train.total_steps or 1, None
   if mode != "eval":
-    source = datasets.training_source(config, datasets.read(
-        datasets.specs(config.data, "train"), "train"))
+    source = datasets.training_source(config, datasets.read_split(config.data, "train"))
     spe = pipeline.steps_per_epoch(len(source), config.train.batch_size)
     total_steps = config.train.total_steps or config.train.epochs * spe
   r = recipes.get(config, total_steps)
@@ -244,9 +246,9 @@ def _run(config, workdir, mode, recipes):
       trained, info["step"] = state["params"], int(jax.device_get(state["step"]))
     if mode == "train":
       return None, info
-    results = eval_lib.evaluate(r.model, params_lib.merge(encoder, trained),
-                                datasets.read(test_specs, "test"), config, r.mesh,
-                                workdir=workdir, forward=r.forward(config))
+    results = eval_lib.evaluate(r.model, params_lib.merge(encoder, trained), test.samples,
+                                config, r.mesh, workdir=workdir, forward=r.forward(config),
+                                source=test.source)
   return results, info
 
 
@@ -267,15 +269,16 @@ def _train(config, workdir, r: Recipe, encoder, source, total_steps):
   bs = tc.batch_size
   sharding.check_batch_size(bs, mesh)
 
-  # Data: images through grain, or (cache) positions in the same seeded order.
+  # Data: images through grain, or (cache) this process's shards' rows (`feature_cache`).
   cache, cache_on_device = None, False
   if tc.cache_features:
     cache, cache_on_device = feature_cache.build_feature_cache(
         r.model, params_lib.merge(encoder, r.trainable), source, config, mesh, workdir)
-    data = feature_cache.index_stream(len(source), bs, config.seed)
+    data = feature_cache.index_stream(len(source), bs, config.seed,
+                                      feature_cache.num_shards(config))
   else:
-    data = pipeline.train_dataset(source, resize=config.data.resize, crop=config.data.crop,
-                                  global_batch_size=bs, seed=config.seed,
+    data = pipeline.train_dataset(source=source, resize=config.data.resize,
+                                  crop=config.data.crop, global_batch_size=bs, seed=config.seed,
                                   num_workers=config.data.num_workers)
   data_iter = iter(data)
 
@@ -310,7 +313,7 @@ def _train(config, workdir, r: Recipe, encoder, source, total_steps):
 def _loop(config, workdir, r, encoder, state, start, total_steps, ck, data_iter, cache,
           cache_on_device):
   mesh, tc = r.mesh, config.train
-  pi, per = jax.process_index(), tc.batch_size // jax.process_count()
+  pi = jax.process_index()
   log = reports.TrainLog(workdir, resume_step=start if start else None)
   step_fn = r.train_step(config.loss, cached=cache is not None)
   if cache_on_device:  # rows of the device-resident cache -> a batch-sharded feature batch
@@ -327,11 +330,11 @@ def _loop(config, workdir, r, encoder, state, start, total_steps, ck, data_iter,
     if cache is None:
       batch = sharding.global_batch({"image": local["image"]}, mesh)
     else:
-      index = np.asarray(local["index"])[pi * per:(pi + 1) * per]
+      row = np.asarray(local["row"])  # this process's rows of the global batch, in its cache
       if cache_on_device:
-        batch = gather(cache, sharding.global_batch({"index": index}, mesh)["index"])
+        batch = gather(cache, sharding.global_batch({"row": row}, mesh)["row"])
       else:
-        batch = sharding.global_batch({k: np.asarray(v[index]) for k, v in cache.items()}, mesh)
+        batch = sharding.global_batch({k: np.asarray(v[row]) for k, v in cache.items()}, mesh)
     # Everything the step gets is already on device; an implicit host->device copy here
     # would be a hidden per-step transfer, so it is an error.
     with jax.transfer_guard_host_to_device("disallow"):

@@ -3,6 +3,7 @@ fixed when JAX creates its CPU backend).
 
   python tests/sharding_worker.py steps OUT.npz   # train steps on 1 device, data x8, fsdp
   python tests/sharding_worker.py errors          # the two user errors, printed
+  python tests/sharding_worker.py hlo             # all-reduce bytes of a data-parallel step
 """
 
 import functools
@@ -23,8 +24,8 @@ from inpformer_jax import loading, optim, sharding, train  # noqa: E402
 from inpformer_jax import params as params_lib  # noqa: E402
 from inpformer_jax.models import factory  # noqa: E402
 
-# Three steps: the warm-up makes the first one's learning rate 0, the next two move the params.
-NUM_STEPS = 3
+# Five steps, every one with lr > 0 (no warm-up), so that each moves the params.
+NUM_STEPS = 5
 BATCH = 8
 # (name, mesh config, rules, min_size): one device, pure data parallelism over 8, and
 # FSDP 4 x data 2 with the default 'auto' rule (the tiny model's kernels are ~1e3-1e4
@@ -35,13 +36,23 @@ MESHES = (("one", dict(data=1, fsdp=1), (), None),
            ((r"decoder_0/attn/q/kernel", (None, "fsdp")), (r".*", "auto")), 1024))
 
 
+def _float64(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
 def run_steps(out_path):
+  # float64, before any array exists: the three runs then differ by reduction order at
+  # ~1e-16, and Adam's first steps cannot turn float32 noise in ~0 gradients into +-lr steps.
+  jax.config.update("jax_enable_x64", True)
   config = demo.get_config("runlocal=True")
+  config.optim.warmup_steps = 0
+  config.model.dtype = "float64"  # compute, casts and loss in float64
   images = np.random.default_rng(0).normal(size=(NUM_STEPS, BATCH, 28, 28, 3))
-  images = images.astype(np.float32)
   model = factory.build_model(config.model)
   encoder, _ = loading.encoder_params(config, model)
   trainable = factory.init_trainable(model, jax.random.PRNGKey(config.seed), config.data.crop)
+  # Params (initialised in float32) and their optimiser state in float64 too.
+  encoder, trainable = _float64(encoder), _float64(trainable)
   tx = optim.make_optimizer(config.optim, 10)
   schedule = optim.warm_cosine_schedule(config.optim.lr, config.optim.final_lr, 10,
                                         config.optim.warmup_steps)
@@ -71,20 +82,22 @@ def run_steps(out_path):
         state, metrics = step(state, enc, batch)
         losses.append(float(metrics["loss"]))
         lrs.append(float(metrics["lr"]))
-      flat = params_lib.flatten(jax.device_get(state["params"]))  # after the last step
+      # after the last step: params and optimiser state ('opt_state/1/mu/...', count, ...)
+      flat = params_lib.flatten(jax.device_get({"param": state["params"],
+                                                "opt": state["opt_state"]}))
       # where the first sharded kernel actually lives: its shard shape
       shard_shape = None
       for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
         if params_lib.key_str(p) in sharded or ("params/" + params_lib.key_str(p)) in sharded:
           shard_shape = (params_lib.key_str(p), x.shape, x.addressable_shards[0].data.shape)
           break
-    results[name] = dict(losses=np.array(losses), params=flat, n_sharded=len(sharded),
+    results[name] = dict(losses=np.array(losses), state=flat, n_sharded=len(sharded),
                          shard_shape=shard_shape, lrs=np.array(lrs))
   np.savez(out_path, **{f"{n}/loss": r["losses"] for n, r in results.items()},
            **{f"{n}/lr": r["lrs"] for n, r in results.items()},
-           **{f"initial/{k}": v for k, v in params_lib.flatten(trainable).items()},
+           **{f"initial/param/{k}": v for k, v in params_lib.flatten(trainable).items()},
            **{f"{n}/n_sharded": r["n_sharded"] for n, r in results.items()},
-           **{f"{n}/param/{k}": v for n, r in results.items() for k, v in r["params"].items()})
+           **{f"{n}/{k}": v for n, r in results.items() for k, v in r["state"].items()})
   for n, r in results.items():
     print(n, "losses", r["losses"].tolist(), "shard", r["shard_shape"], flush=True)
 

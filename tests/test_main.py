@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
+from tests.runlocal import make_mvtec_like
 
 
 def _cli(*args):
@@ -23,8 +24,10 @@ def test_cli_rejects_unknown_keys_and_missing_roots(tmp_path):
 
 
 def test_cli_names_an_unusable_init_from(tmp_path):
+  # (a real test set: it is read, and checked, before the model is loaded)
   r = _cli("--config", "configs/mvtec.py:setting=zero_shot,runlocal=True", "--workdir",
-           str(tmp_path / "w"), f"--config.data.roots.mvtec={REPO}",
+           str(tmp_path / "w"), f"--config.data.roots.mvtec={make_mvtec_like(tmp_path / 'd')}",
+           "--config.data.categories.mvtec=bottle,cable",
            f"--config.init_from={tmp_path}/no_such_run")
   assert r.returncode == 2, r.stderr[-2000:]
   assert "Traceback" not in r.stderr and "no_such_run" in r.stderr

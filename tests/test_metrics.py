@@ -1,16 +1,19 @@
 """The seven metrics: official oracle, exact vs scikit-learn (with ties), exact AUPRO vs a
 brute-force PRO curve, the official histogram vs a per-pixel transcription of adeval,
-streaming == in-memory, GT binarisation, and edge cases."""
+streaming == in-memory, a class split over processes == one process, GT binarisation, and
+edge cases."""
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
 from skimage import measure
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from inpformer_jax import metric_curves as C
 from inpformer_jax import metrics as M
 
 
@@ -133,7 +136,7 @@ def test_official_counts_max_twice():
   res = M.compute_metrics(maps, masks, [1], [1.0])
   want = _adeval_reference(maps, masks > 0.5, 0.0, 1.0)
   np.testing.assert_allclose((res["P-AUROC"], res["P-AP"], res["AUPRO"]), want, atol=1e-12)
-  hist = M._official_hist(np.sort(flat[masks.ravel() > 0]), np.float32(0), np.float32(1), 200)
+  hist = C.official_hist(np.sort(flat[masks.ravel() > 0]), np.float32(0), np.float32(1), 200)
   assert hist.sum() == 3 and hist[-1] == 1 and hist[-2] == 1
   exact = M.compute_metrics(maps, masks, [1], [1.0], protocol="exact")
   assert exact["P-AUROC"] == (13 + 13 + 0.5) / 28  # 0.95 beats 13; 1.0 beats 13, ties 1
@@ -224,6 +227,104 @@ def test_streaming_equals_in_memory(protocol):
   # Regions are counted per image, so batching cannot merge or split them.
   assert first.info["n_regions"] == sum(
       measure.label(m > 0.5, connectivity=2).max() for m in masks)
+
+
+class _Hosts:
+  """n simulated processes, one thread each: `gather` meets at a barrier like a collective
+  (a process making a different sequence of calls breaks the barrier: the test fails)."""
+
+  def __init__(self, n: int):
+    self.slots = [None] * n
+    self.barrier = threading.Barrier(n, timeout=30)
+
+  def results(self, accs) -> list:
+    out, errors = [None] * len(accs), []
+
+    def run(h):
+      try:
+        out[h] = accs[h].result(_HostReducer(self, h))
+      except BaseException as e:  # noqa: BLE001 -- re-raised below, in the test's thread
+        errors.append(e)
+        self.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in range(len(accs))]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    if errors:
+      raise errors[0]
+    return out
+
+
+class _HostReducer:
+  def __init__(self, hosts: _Hosts, h: int):
+    self.hosts, self.h = hosts, h
+
+  def gather(self, x):
+    self.hosts.slots[self.h] = np.array(x, copy=True)
+    self.hosts.barrier.wait()
+    parts = list(self.hosts.slots)
+    self.hosts.barrier.wait()  # nobody overwrites a slot before all have read it
+    return parts
+
+
+# Rows of each simulated process, in batches, of 9 normal images then 3 anomalous ones:
+# 3 processes, one with normal images only, one with no rows at all; 2 processes, both with
+# anomalous images, in interleaved batches.
+_SPLITS = ([[[0, 7]], [], [[1, 2, 3], [4, 5], [6], [8, 9, 10, 11]]],
+           [[[0, 1, 9], [6, 10]], [[2, 3, 4, 5], [7, 8, 11]]])
+
+
+@pytest.mark.parametrize("split", range(len(_SPLITS)))
+@pytest.mark.parametrize("protocol,gt_threshold,value_range", [
+    ("official", 0.5, None), ("official", 0.0, None), ("official", 0.5, (0.1, 0.45)),
+    ("exact", 0.5, None), ("exact", 0.0, None)])
+def test_processes_merge_to_one(split, protocol, gt_threshold, value_range, monkeypatch):
+  rng = np.random.default_rng(12)
+  maps, masks, labels, scores = _blobs(rng, 12, 32, 40)
+  order = np.r_[np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)]  # normal first
+  maps, masks, labels, scores = maps[order], masks[order], labels[order], scores[order]
+  masks = masks * rng.uniform(0.01, 1.0, masks.shape).astype(np.float32)  # soft
+  assert labels.tolist() == [0] * 9 + [1] * 3
+
+  def acc():
+    return M.MetricAccumulator(protocol, gt_threshold, value_range)
+
+  one = acc()
+  one.add(maps, masks, labels, scores)
+  want = one.result()
+  monkeypatch.setattr(M, "SUM_BYTES", 100)  # count vectors summed in several gathers
+  accs = []
+  for batches in _SPLITS[split]:
+    accs.append(acc())
+    for rows in batches:
+      accs[-1].add(maps[rows], masks[rows], labels[rows], scores[rows])
+  got = _Hosts(len(accs)).results(accs)
+  for res in got:
+    assert list(res) == list(M.METRIC_NAMES)
+    for k in M.METRIC_NAMES:
+      assert abs(res[k] - want[k]) <= 1e-12, (k, res[k], want[k])
+    for k in ("n_images", "n_pixels", "n_anomalous_pixels", "n_regions", "value_range"):
+      assert res.info.get(k) == want.info.get(k), k
+  assert not any(math.isnan(v) for v in want.values())
+
+
+def test_processes_merge_without_masks_and_disagreeing_masks():
+  maps, masks, labels, scores = _blobs(np.random.default_rng(10), 8, 16)
+  want = M.compute_metrics(None, None, labels, scores)
+  a, b, c = M.MetricAccumulator(), M.MetricAccumulator(), M.MetricAccumulator()
+  a.add(None, None, labels[:5], scores[:5])
+  c.add(None, None, labels[5:], scores[5:])
+  for res in _Hosts(3).results([a, b, c]):
+    assert res.info["pixel_metrics"] is False and res.info["n_images"] == 8
+    for k in M.METRIC_NAMES:
+      assert res[k] == pytest.approx(want[k], abs=1e-12, nan_ok=True), k
+  a, b = M.MetricAccumulator(), M.MetricAccumulator()
+  a.add(maps[:4], masks[:4], labels[:4], scores[:4])
+  b.add(None, None, labels[4:], scores[4:])
+  with pytest.raises(ValueError, match="Sample.has_mask"):
+    _Hosts(2).results([a, b])
 
 
 def test_gt_threshold():

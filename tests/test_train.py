@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -161,8 +163,10 @@ def test_recipes_reuse_compiled_steps_only_for_the_same_config(data, recipes):
 # Resume after kill -9 (the CLI in a subprocess, killed from outside).
 # ---------------------------------------------------------------------------------------
 
-RESUME = {"train.total_steps": 8, "train.checkpoint_every_steps": 2,
-          "train.log_every_steps": 1}
+# Checkpoints at 3, 6, 9 and 10; every step learns (no warm-up) and is logged.
+EVERY = 3
+RESUME = {"train.total_steps": 10, "train.checkpoint_every_steps": EVERY,
+          "train.log_every_steps": 1, "optim.warmup_steps": 0}
 
 
 def _saved_steps(workdir) -> list[int]:
@@ -170,9 +174,52 @@ def _saved_steps(workdir) -> list[int]:
   return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
+def _logged_steps(workdir) -> list[int]:
+  """Steps of the whole rows of WORKDIR/train_metrics.jsonl (not a row the kill cut)."""
+  path = workdir / reports.METRICS_FILE
+  steps = []
+  for line in path.read_text().splitlines() if path.is_file() else []:
+    try:
+      steps.append(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError):
+      break
+  return steps
+
+
+def _between_checkpoints(workdir) -> bool:
+  """The run has logged a step past its newest finished checkpoint, and not a checkpoint
+  step (whose checkpoint may be half written)."""
+  saved, logged = _saved_steps(workdir), _logged_steps(workdir)
+  return bool(saved and logged) and logged[-1] > saved[-1] and logged[-1] % EVERY != 0
+
+
+def _process_state(pid: int) -> str:
+  """'R', 'S', 'T' (stopped), 'Z', ... from /proc/PID/stat (Linux)."""
+  return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _kill_between_checkpoints(proc, workdir) -> None:
+  """kill -9 once the run is between checkpoints; it is stopped (SIGSTOP) while it is
+  looked at, so that where it is seen is where it dies."""
+  deadline = time.time() + 300
+  while proc.poll() is None:
+    assert time.time() < deadline, "the run never got past its first checkpoint"
+    if _between_checkpoints(workdir):
+      proc.send_signal(signal.SIGSTOP)
+      while _process_state(proc.pid) not in "TZ":  # stopped (or already dead)
+        time.sleep(0.001)
+      if _between_checkpoints(workdir):
+        proc.send_signal(signal.SIGKILL)
+        return
+      proc.send_signal(signal.SIGCONT)
+    time.sleep(0.002)
+  pytest.fail("the run finished before it was seen between two checkpoints")
+
+
 def test_resume_after_kill_equals_uninterrupted_run(data, recipes, tmp_path, compilation_cache,
                                                     capsys):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
+  total = RESUME["train.total_steps"]
   train.train_and_evaluate(local_config(mvtec.get_config, "", data, **RESUME), str(straight),
                            mode="train", recipes=recipes)
   # (the same XLA flags as this process, and its compilation cache)
@@ -181,26 +228,28 @@ def test_resume_after_kill_equals_uninterrupted_run(data, recipes, tmp_path, com
       [sys.executable, "-m", "inpformer_jax.main", "--mode", "train", "--workdir", str(killed),
        *cli_flags(f"{REPO}/configs/mvtec.py", {"mvtec": data["mvtec"]}, **RESUME)],
       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while proc.poll() is None and not [s for s in _saved_steps(killed) if s >= 2]:
-    assert time.time() < deadline, "the run never wrote its second checkpoint"
-    time.sleep(0.005)
-  proc.send_signal(signal.SIGKILL)  # at whatever point the run has reached
+  _kill_between_checkpoints(proc, killed)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL, err[-3000:]
-  resume_at = max(_saved_steps(killed))
-  assert 2 <= resume_at < RESUME["train.total_steps"]
+  # It died after step `killed_at`, which it had logged; the steps since `resume_at` are lost.
+  killed_at, resume_at = _logged_steps(killed)[-1], _saved_steps(killed)[-1]
+  assert EVERY <= resume_at < killed_at < total and killed_at % EVERY, (resume_at, killed_at)
   # The same run started again (here in-process) continues from its newest checkpoint.
   train.train_and_evaluate(local_config(mvtec.get_config, "", data, **RESUME), str(killed),
                            mode="train", recipes=recipes)
   assert f"at step {resume_at}" in capsys.readouterr().out
-  rows = reports.read_metrics(killed)
-  assert_same_rows(reports.read_metrics(straight), rows)
-  # The steps after the resume point learn (lr > 0): equal final parameters mean the
-  # parameters, optimiser state and data position were all restored.
-  assert all(r["lr"] > 0 for r in rows[resume_at:])
-  want, got = final_params(straight), final_params(killed)
-  assert max_abs_diff(want, got) <= 1e-6
-  initial = recipes.get(local_config(mvtec.get_config, "", data, **RESUME),
-                        RESUME["train.total_steps"]).trainable
-  assert max_abs_diff(want, initial) > 1e-3
+  (want, want_step), (got, got_step) = (loading.trained_state(w) for w in (straight, killed))
+  assert int(want_step) == int(got_step) == int(got["step"]) == total
+  # Every step learns (lr > 0), so equal final params need the params, the data position
+  # and the optimiser state restored; the optimiser state is compared too, tensor by tensor.
+  assert max_abs_diff(want["params"], got["params"]) <= 1e-6
+  for a, b in zip(jax.tree.leaves(want["opt_state"]), jax.tree.leaves(got["opt_state"]),
+                  strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=0, err_msg="opt_state")
+  want_rows, rows = reports.read_metrics(straight), reports.read_metrics(killed)
+  assert [r["step"] for r in rows] == list(range(1, total + 1))
+  assert all(r["lr"] > 0 for r in rows)
+  assert max(abs(a["loss"] - b["loss"]) for a, b in zip(want_rows, rows)) <= 1e-6
+  assert_same_rows(want_rows, rows)
+  initial = recipes.get(local_config(mvtec.get_config, "", data, **RESUME), total).trainable
+  assert max_abs_diff(want["params"], initial) > 1e-3

@@ -1,30 +1,56 @@
-"""config.data -> the samples a run trains and evaluates on.
+"""config.data -> the samples a run trains and evaluates on, and where their pixels come from.
 
   config.data.train = "mvtec,visa"   ->  specs(config.data, "train")
     -> [{"name": "mvtec", "root": ..., "categories": [...] | None}, ...]
-    -> read(specs, "train")          the union of the datasets' samples, in the given order
-    -> training_source(config, ...)  the samples, or (few-shot) the augmented support set
+    -> read_split(config.data, "train")  Split: the union of the datasets' samples, in the
+                                         given order, and one grain source of their images
+    -> training_source(config, split)    that source, or (few-shot) the augmented support set
+
+`config.data.source` says where the pixels come from: 'files' (the readers list the image
+files under `config.data.roots`) or 'array_record' (the shards `prepare` wrote under
+`config.data.tfds_dir`, found by `prepared.open_split`). Both give the same samples in the same
+order, record i being sample i, so every pipeline gives the same batches from either.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 
 from inpformer_jax.data import fewshot
+from inpformer_jax.data import prepared
 from inpformer_jax.data import preprocess
 from inpformer_jax.data import readers
+from inpformer_jax.data import sources
 from inpformer_jax.data.records import Sample
 from inpformer_jax.settings import ConfigError
 
 
+SOURCES = ("files", "array_record")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split of the config's datasets.
+
+  samples: the Sample records (metadata: class, label, mask presence, path) in order.
+  source: a grain source (`inpformer_jax.data.sources`) of their images: record i is
+    samples[i]; test splits carry masks.
+  """
+  samples: list[Sample]
+  source: Any
+
+
 def specs(data_config, which: str) -> list[dict]:
-  """config.data.train / .test ('mvtec,visa') -> [{"name", "root", "categories"}] checked."""
+  """config.data.train / .test ('mvtec,visa') -> [{"name", "root", "categories"}] checked.
+
+  With records (`data.source='array_record'`) the roots are not needed and not checked.
+  """
   names = [n.strip() for n in getattr(data_config, which).split(",") if n.strip()]
   if not names:
     raise ConfigError(f"config.data.{which} is empty: name at least one dataset")
@@ -34,7 +60,7 @@ def specs(data_config, which: str) -> list[dict]:
       raise ConfigError(f"config.data.{which} names {name!r}, which has no "
                         f"config.data.roots.{name}; known: {', '.join(data_config.roots)}")
     root = data_config.roots[name]
-    if not root or not os.path.isdir(root):
+    if data_config.source == "files" and (not root or not os.path.isdir(root)):
       raise ConfigError(
           f"dataset root for {name!r} not found: {root!r} (config.data.roots.{name}). "
           f"Download the dataset and pass --config.data.roots.{name}=/path/to/it "
@@ -73,11 +99,37 @@ def read(dataset_specs: Sequence[Mapping[str, Any]], split: str) -> list[Sample]
   return samples
 
 
-def training_source(config, samples: list[Sample]) -> list[Sample] | np.ndarray:
-  """The samples, or (few-shot) the float32 (k*C*22, S, S, 3) augmented support set."""
+def read_split(data_config, which: str, split: str | None = None) -> Split:
+  """The datasets named by config.data.<which> ('train' | 'test'), split `split` (= which)."""
+  split = split or which
+  dataset_specs = specs(data_config, which)
+  if data_config.source not in SOURCES:
+    raise ConfigError(f"config.data.source={data_config.source!r}; choose one of "
+                      f"{', '.join(SOURCES)}")
+  if data_config.source == "files":
+    samples = read(dataset_specs, split)
+    return Split(samples, sources.PathSource(samples, data_config.resize,
+                                             with_masks=split == "test"))
+  parts = []
+  for spec in dataset_specs:
+    spec = dict(spec)
+    name, _ = spec.pop("name"), spec.pop("root")
+    parts.append(prepared.open_split(data_config.tfds_dir, name, split,
+                                     resize=data_config.resize, **spec))
+  samples = union(*(p[0] for p in parts))
+  source = parts[0][1] if len(parts) == 1 else sources.ConcatSource(*(p[1] for p in parts))
+  return Split(samples, source)
+
+
+def training_source(config, split: Split):
+  """The split's image source, or (few-shot) an ArraySource of the float32 (k*C*22, S, S, 3)
+  augmented support set, its shots read from the same source."""
   if config.setting != "few_shot":
-    return samples
-  shots = fewshot.select_shots(samples, config.few_shot.shots, config.seed)
+    return split.source
+  shots = fewshot.select_shots(split.samples, config.few_shot.shots, config.seed)
   logging.info("few-shot: %d shots: %s", len(shots), [Path(s.image_path).name for s in shots])
-  return fewshot.support_set(shots, preprocess.Preprocessing(config.data.resize, config.data.crop),
-                             seed=config.seed, augment=config.few_shot.augment)
+  position = {s.image_path: i for i, s in enumerate(split.samples)}
+  images = [preprocess.finish_from_resized(split.source[position[s.image_path]]["image"],
+                                           config.data.crop) for s in shots]
+  return sources.ArraySource(fewshot.expand_shots(images, seed=config.seed,
+                                                  augment=config.few_shot.augment))

@@ -205,6 +205,14 @@ def support_set(shots: Sequence[Sample], preprocessing: preprocess.Preprocessing
   + i), or the shots alone (augment=False). float32 (22 k, crop, crop, 3), shot by shot."""
   if not shots:
     raise ValueError("no few-shot images: select them with fewshot.select_shots")
-  images = [preprocessing.image(s.image_path) for s in shots]
+  return expand_shots([preprocessing.image(s.image_path) for s in shots], seed=seed,
+                      augment=augment)
+
+
+def expand_shots(images: Sequence[np.ndarray], *, seed: int, augment: bool = True
+                 ) -> np.ndarray:
+  """Finished float32 (crop, crop, 3) shot images -> the support set of `support_set`."""
+  if not len(images):
+    raise ValueError("no few-shot images: select them with fewshot.select_shots")
   return np.concatenate([augment_22(img, seed=seed + i) if augment else img[None]
                          for i, img in enumerate(images)]).astype(np.float32)

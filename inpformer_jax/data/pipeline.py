@@ -23,14 +23,15 @@ last one is padded so that every process runs ceil(N / batch_size) batches (mult
 the same number of steps everywhere), and each row carries `valid` and its `index` into the
 sample list. Every sample appears exactly once with valid=True across all processes.
 
-Sources are grain random-access sources (`__len__`, `__getitem__`) returning a dict with a uint8
-`image` resized to the config's resize size (the expensive PIL part of the official transform)
-or, for the few-shot in-memory path, already-finished float32 images:
+Sources (`inpformer_jax.data.sources`) are grain random-access sources of uint8 images resized
+to the config's resize size (or, few-shot, finished float32 images):
   * `PathSource(samples, resize)`      -- image files on disk (Sample records from the readers);
-  * `ArrayRecordSource(...)`           -- ArrayRecord shards written by the TFDS builders
+  * `ArrayRecordSource(...)`           -- ArrayRecord shards written by `prepare`
                                           (`tfds_builders/`), decoded without TensorFlow;
   * `ArraySource(images)`              -- in-memory arrays (few-shot: 22 augmented copies/shot);
-  * `ConcatSource(*sources)`           -- several sources as one (joint training).
+  * `ConcatSource(*sources)`           -- several sources as one (joint training);
+  * `SubsetSource(source, rows)`       -- some records of a source (a class subset of a
+                                          prepared dataset, `prepared.open_split`).
 The finishing step (`preprocess.finish_from_resized`: crop, /255, ImageNet normalisation) is the
 same for all of them, so stored shards reproduce the file pipeline bit for bit. For fast
 accelerators, `train_dataset(..., uint8=True)` stops at the uint8 crop and `normalize` finishes
@@ -46,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -56,167 +56,8 @@ import numpy as np
 from absl import flags
 
 from inpformer_jax.data import preprocess
+from inpformer_jax.data import sources
 from inpformer_jax.data.records import Sample
-
-# ---------------------------------------------------------------------------------------
-# Sources.
-# ---------------------------------------------------------------------------------------
-
-
-class PathSource:
-  """Image files listed by `Sample` records -> {"index", "image" uint8 (R, R, 3), ...}.
-
-  with_masks: also read the ground-truth mask ("mask" uint8 (R, R), zeros for normal images
-    and for classes without masks) and the metadata fields; training does not need them.
-  """
-
-  def __init__(self, samples: Sequence[Sample], resize: int, *, with_masks: bool = False):
-    if not samples:
-      raise ValueError("PathSource got no samples: the reader found no images (check the "
-                       "dataset root and the category list in the config)")
-    bad = [s for s in samples if not isinstance(s, Sample)]
-    if bad:
-      raise TypeError(f"PathSource expects inpformer_jax.data.records.Sample records, got "
-                      f"{type(bad[0]).__name__}; build them with inpformer_jax.data.readers")
-    self.samples = list(samples)
-    self.resize = resize
-    self.with_masks = with_masks
-
-  def __len__(self) -> int:
-    return len(self.samples)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    s = self.samples[index]
-    out = {"index": np.int64(index),
-           "image": preprocess.resize_pil_only(s.image_path, self.resize)}
-    if self.with_masks:
-      if s.mask_path is None:
-        out["mask"] = np.zeros((self.resize, self.resize), np.uint8)
-      else:
-        out["mask"] = preprocess.resize_mask_pil_only(s.mask_path, self.resize)
-      out.update(_meta(s.label, s.has_mask, s.dataset, s.category, s.defect, s.image_path))
-    return out
-
-  def __repr__(self) -> str:
-    return f"PathSource(n={len(self)}, resize={self.resize}, with_masks={self.with_masks})"
-
-
-class ArraySource:
-  """In-memory images -> {"index", "image"}.
-
-  images: float32 (N, crop, crop, 3), already normalised (few-shot: `fewshot.augment_22`
-    output), or uint8 (N, R, R, 3) resized images that still need `finish_from_resized`.
-  """
-
-  def __init__(self, images: np.ndarray):
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype not in (np.float32, np.uint8):
-      raise ValueError("ArraySource expects float32 (N, crop, crop, 3) normalised images or "
-                       f"uint8 (N, R, R, 3) resized ones; got {images.dtype} {images.shape}")
-    if len(images) == 0:
-      raise ValueError("ArraySource got no images")
-    self.images = images
-
-  def __len__(self) -> int:
-    return len(self.images)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {"index": np.int64(index), "image": self.images[index]}
-
-  def __repr__(self) -> str:
-    return f"ArraySource({self.images.dtype} {self.images.shape})"
-
-
-class ArrayRecordSource:
-  """A split written by `tfds_builders` (ArrayRecord shards), read with TFDS, no TensorFlow.
-
-  builder_dir: `<data_dir>/<name>/<config>/<version>` (`tfds_builders.builder_dir` finds it).
-  Records are in the reader's order (the builders disable shuffling), so record i is the i-th
-  sample `readers.read_dataset` returns for the split and the pipelines give the same batches
-  as from the files. The TFDS handle is opened lazily so that the source pickles cheaply into
-  grain's worker processes.
-  """
-
-  def __init__(self, builder_dir: str, split: str, *, with_masks: bool = False):
-    self.builder_dir = str(builder_dir)
-    self.split = split
-    self.with_masks = with_masks
-    self._lock = threading.Lock()
-    self._ds = None
-    self._len = len(self._open())
-
-  def _open(self):
-    # grain reads a batch's elements from several threads; TFDS's lazy imports deadlock when
-    # two threads trigger them at once, so the first open is serialised.
-    with self._lock:
-      if self._ds is None:
-        # The optional `tfds` extra, heavy to import: only this source needs it.
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-        builder = tfds.builder_from_directory(self.builder_dir)
-        if self.split not in builder.info.splits:
-          raise ValueError(f"{self.builder_dir} has no split {self.split!r} "
-                           f"(it has {sorted(builder.info.splits)})")
-        decoders = None if self.with_masks else {"mask": tfds.decode.SkipDecoding()}
-        self._ds = builder.as_data_source(split=self.split, decoders=decoders)
-      return self._ds
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_ds"] = state["_lock"] = None
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-    self._open()  # In the unpickling (main) thread of the worker, before grain's threads.
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    r = self._open()[index]
-    out = {"index": np.int64(index), "image": np.asarray(r["image"], np.uint8)}
-    if self.with_masks:
-      out["mask"] = np.asarray(r["mask"], np.uint8)[..., 0]
-      out.update(_meta(r["label"], r["has_mask"], r["dataset"], r["category"], r["defect"],
-                       r["path"]))
-    return out
-
-  def __repr__(self) -> str:
-    return f"ArrayRecordSource({self.builder_dir!r}, split={self.split!r}, n={len(self)})"
-
-
-class ConcatSource:
-  """Several sources as one; `index` is the position in the concatenation."""
-
-  def __init__(self, *sources):
-    if not sources:
-      raise ValueError("ConcatSource needs at least one source")
-    self.sources = sources
-    self._ends = np.cumsum([len(s) for s in sources])
-
-  def __len__(self) -> int:
-    return int(self._ends[-1])
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    which = int(np.searchsorted(self._ends, index, side="right"))
-    start = 0 if which == 0 else int(self._ends[which - 1])
-    out = dict(self.sources[which][index - start])
-    out["index"] = np.int64(index)
-    return out
-
-  def __repr__(self) -> str:
-    return f"ConcatSource({', '.join(map(repr, self.sources))})"
-
-
-def _str(x) -> str:
-  return x.decode() if isinstance(x, bytes) else str(x)
-
-
-def _meta(label, has_mask, dataset, category, defect, path) -> dict[str, Any]:
-  return {"label": np.int32(label), "has_mask": np.bool_(has_mask), "dataset": _str(dataset),
-          "category": _str(category), "defect": _str(defect), "path": _str(path)}
-
 
 # ---------------------------------------------------------------------------------------
 # Transforms.
@@ -302,7 +143,9 @@ class _ProcessSlice(grain.MapDataset):
     return f"_ProcessSlice(global={self._global}, per={self._per}, offset={self._offset})"
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_and_count(process_index: int | None, process_count: int | None
+                      ) -> tuple[int, int]:
+  """(this process's index, the process count): jax's unless given, checked."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if not 0 <= pi < pc:
@@ -325,8 +168,14 @@ def _mark_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+# Batches read ahead per process (and per worker): grain's default, 500 batches in flight,
+# fills host memory whenever the consumer is slower than the readers (14.7 GB at batch 16 of
+# 392 px float32); 16 batches keep the read threads busy and hold ~0.5 GB.
+READ_OPTIONS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=16)
+
+
 def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
-  it = ds.to_iter_dataset()
+  it = ds.to_iter_dataset(READ_OPTIONS)
   if num_workers > 0:
     _mark_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
@@ -339,10 +188,10 @@ def _make_source(samples, source, resize: int, with_masks: bool):
       raise ValueError("pass either samples or source, not both")
     return source
   if isinstance(samples, np.ndarray):
-    return ArraySource(samples)
+    return sources.ArraySource(samples)
   if samples is None:
     raise ValueError("no data: pass samples (Sample records or an array) or a source")
-  return PathSource(samples, resize, with_masks=with_masks)
+  return sources.PathSource(samples, resize, with_masks=with_masks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,7 +223,7 @@ def train_dataset(samples: Sequence[Sample] | np.ndarray | None = None, *, resiz
     (for fast accelerators: a quarter of the host bytes and no host float math).
   """
   src = _make_source(samples, source, resize, with_masks=False)
-  pi, pc = _process(process_index, process_count)
+  pi, pc = process_and_count(process_index, process_count)
   per = _per_process(global_batch_size, pc, "global_batch_size")
   logging.info("train data: %d images, global batch %d (%d per process x %d), %d steps per "
                "epoch (official drop_last=True), %d workers", len(src), global_batch_size, per,
@@ -417,7 +266,7 @@ class _EvalElement(grain.transforms.Map):
     c = self.crop
     row = {"index": np.int64(-1), "image": np.zeros((c, c, 3), np.float32),
            "mask": np.zeros((c, c), np.float32), "valid": np.bool_(False)}
-    row.update(_meta(0, False, "", "", "", ""))
+    row.update(sources.meta(0, False, "", "", "", ""))
     return row
 
 
@@ -449,7 +298,7 @@ def eval_batches(samples: Sequence[Sample] | None = None, *, resize: int, crop: 
   unicode arrays dataset/category/defect/path (b,) ("" on padding).
   """
   src = _make_source(samples, source, resize, with_masks=True)
-  pi, pc = _process(process_index, process_count)
+  pi, pc = process_and_count(process_index, process_count)
   per = _per_process(batch_size, pc, "eval batch_size")
   layout = eval_layout(len(src), batch_size, pi, pc)
   ds = grain.MapDataset.source(layout).map(_EvalElement(src, crop)).batch(per)

@@ -4,9 +4,10 @@ python -m inpformer_jax.data.prepare --dataset real_iad --manual_dir /data/Real-
     --data_dir /data/tfds [--resize 448] [--encoding png|raw] [--categories audiojack,pcb] \
     [--resolution 1024] [--views C1,C2]
 
-Then train with config.data.source = 'array_record' and config.data.tfds_dir = /data/tfds (the
-trainer calls `tfds_builders.source(...)`), which reads the same images the file pipeline would,
-minus the JPEG/PNG decode and the resize of the full-size originals.
+Then train with --config.data.source=array_record --config.data.tfds_dir=/data/tfds: the run
+reads the same images, in the same order, as from the files (`prepared.open_split`), minus the
+JPEG/PNG decode and the resize of the full-size originals. --dataset takes every reader name:
+mvtec, visa, realiad, demo, folder (any MVTec-layout folder), mpdd, btad.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import sys
 import time
 
+from inpformer_jax.data import prepared
 from inpformer_jax.data import tfds_builders
 
 
@@ -23,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m inpformer_jax.data.prepare",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--dataset", required=True,
-                 help=f"one of {sorted(tfds_builders.BUILDERS)} (or mvtec / realiad)")
+                 help=f"a reader name ({', '.join(prepared.BUILDER_NAMES)}) or a builder "
+                 f"name ({', '.join(sorted(tfds_builders.BUILDERS))})")
   p.add_argument("--manual_dir", required=True, help="the extracted dataset root")
   p.add_argument("--data_dir", required=True, help="where the ArrayRecord shards are written")
   p.add_argument("--resize", type=int, default=448,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from inpformer_jax import params as params_lib
+from inpformer_jax.settings import ConfigError
 from inpformer_jax.models import efficientnet_lite, encoders, vit
 from inpformer_jax.models.inp_former import INPFormer
 
@@ -38,7 +39,13 @@ def default_target_layers(depth: int) -> tuple[int, ...]:
 
 
 def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+  """config.model.dtype -> the compute dtype; float64 (reference runs) needs jax_enable_x64."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+  if name not in dtypes:
+    raise ConfigError(f"config.model.dtype={name!r}; choose one of {', '.join(dtypes)}")
+  if name == "float64" and not jax.config.jax_enable_x64:
+    raise ConfigError("config.model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1")
+  return dtypes[name]
 
 
 def is_cnn_encoder(name: str) -> bool:

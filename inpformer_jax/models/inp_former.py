@@ -31,6 +31,12 @@ Dtype = Any
 
 # The official code re-initialises every Linear of the trainable part with
 # trunc_normal_(std=0.01, a=-0.03, b=0.03): cut-offs at +-3 sigma.
+def _at_least_f32(x: Array) -> Array:
+  # Outputs (and so the loss and maps) in float32 whatever the compute dtype (bfloat16 runs);
+  # float64 reference runs stay float64.
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def trunc_normal_init(stddev: float = 0.01, cutoff: float = 3.0):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.truncated_normal(key, -cutoff, cutoff, shape, dtype) * stddev
@@ -264,7 +270,7 @@ class INPFormer(nn.Module):
     fused = fused.astype(self.dtype)
     inps = jnp.broadcast_to(self.prototype_token[None], (b, self.num_inps, dim)).astype(fused.dtype)
     inps = self.aggregation(inps, fused)
-    distance, cluster_index = inp_distance(fused.astype(jnp.float32), inps.astype(jnp.float32))
+    distance, cluster_index = inp_distance(_at_least_f32(fused), _at_least_f32(inps))
     x = self.bottleneck(fused)
     self.sow("intermediates", "bottleneck", x)
     de_list = []
@@ -276,12 +282,12 @@ class INPFormer(nn.Module):
     if self.fusion == "concat":
       offsets = np.cumsum([0] + [t.shape[-1] for t in en_tokens])
       de_tokens = [d[..., offsets[g]:offsets[g + 1]] for g, d in enumerate(de_tokens)]
-    grid = lambda t: t.astype(jnp.float32).reshape(b, side, side, t.shape[-1])
+    grid = lambda t: _at_least_f32(t).reshape(b, side, side, t.shape[-1])
     return {
         "en": [grid(t) for t in en_tokens],
         "de": [grid(t) for t in de_tokens],
-        "inps": inps.astype(jnp.float32),
-        "fused": fused.astype(jnp.float32),
+        "inps": _at_least_f32(inps),
+        "fused": _at_least_f32(fused),
         "distance": distance,
         "cluster_index": cluster_index,
         "coherence_loss": jnp.mean(distance),

@@ -119,7 +119,8 @@ def interpolate_pos_embed(pos_embed: Array, grid: int, *, offset: float = 0.1,
   if mat is None:
     return pos_embed
   cls_pos = pos_embed[:, :1]
-  patch = pos_embed[0, 1:].astype(jnp.float32).reshape(src, src, -1)
+  patch = pos_embed[0, 1:].astype(jnp.promote_types(pos_embed.dtype, jnp.float32))
+  patch = patch.reshape(src, src, -1)
   m = jnp.asarray(mat)
   hi = jax.lax.Precision.HIGHEST
   patch = jnp.einsum("ij,jkd->ikd", m, patch, precision=hi)
@@ -165,7 +166,9 @@ def explicit_attention(q: Array, k: Array, v: Array) -> Array:
   """
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum("blhd,bmhd->bhlm", q, k)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  # softmax in float32 at least (bfloat16 runs), float64 in float64 reference runs.
+  probs = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                         axis=-1).astype(v.dtype)
   return jnp.einsum("bhlm,bmhd->blhd", probs, v)
 
 

@@ -76,23 +76,27 @@ def test_specs_errors_name_the_fix(mvtec_root, tmp_path):
     datasets.specs(c.data, "test")
 
 
-def test_training_source_multi_class_is_the_samples(mvtec_root):
+def test_training_source_multi_class_is_the_split_source(mvtec_root):
   c = _config(mvtec_root)
-  samples = datasets.read(datasets.specs(c.data, "train"), "train")
-  assert len(samples) == 6
-  assert datasets.training_source(c, samples) is samples
+  split = datasets.read_split(c.data, "train")
+  assert len(split.samples) == 6
+  assert datasets.training_source(c, split) is split.source
+  assert [split.source[i]["index"] for i in range(6)] == list(range(6))
+  np.testing.assert_array_equal(split.source[5]["image"], preprocess.resize_pil_only(
+      split.samples[5].image_path, c.data.resize))
+  assert "mask" not in split.source[0] and "mask" in datasets.read_split(c.data, "test").source[0]
 
 
 def test_training_source_few_shot_is_the_support_set(mvtec_root):
   c = _config(mvtec_root, "setting=few_shot,shots=2")
-  samples = datasets.read(datasets.specs(c.data, "train"), "train")
-  out = datasets.training_source(c, samples)
+  split = datasets.read_split(c.data, "train")
+  out = datasets.training_source(c, split).images
   crop = c.data.crop
   assert out.shape == (2 * len(CLASSES) * 22, crop, crop, 3) and out.dtype == np.float32
-  shots = fewshot.select_shots(samples, 2, c.seed)
+  shots = fewshot.select_shots(split.samples, 2, c.seed)
   want = fewshot.support_set(shots, preprocess.Preprocessing(c.data.resize, crop), seed=c.seed)
   np.testing.assert_array_equal(out, want)
   c.few_shot.augment = False
-  plain = datasets.training_source(c, samples)
+  plain = datasets.training_source(c, split).images
   np.testing.assert_array_equal(
       plain, np.stack([preprocess.load_image(s.image_path, c.data.resize, crop) for s in shots]))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from inpformer_jax.data import fewshot, pipeline, preprocess
+from inpformer_jax.data import fewshot, preprocess, sources
 from inpformer_jax.data.records import Sample
 from tests.data.helpers import CROP, RESIZE, take, train, write_samples
 
@@ -176,7 +176,7 @@ def test_support_set_permutes_each_shot_with_seed_plus_its_index(shot_image, tmp
 
 def test_support_set_feeds_train_dataset(tmp_path):
   shots = write_samples(str(tmp_path), 2)
-  src = pipeline.ArraySource(fewshot.support_set(shots, preprocess.Preprocessing(RESIZE, CROP),
+  src = sources.ArraySource(fewshot.support_set(shots, preprocess.Preprocessing(RESIZE, CROP),
                                                  seed=0))
   assert len(src) == 44
   # Shot 0's original image is where seed 0's permutation puts augmentation 0.

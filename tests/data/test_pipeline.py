@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from inpformer_jax import sharding
-from inpformer_jax.data import pipeline, preprocess
+from inpformer_jax.data import pipeline, preprocess, sources
 from tests.data.helpers import CROP, RESIZE, take, train, write_samples
 
 
@@ -111,9 +111,9 @@ def test_train_config_errors(train_samples):
   with pytest.raises(ValueError, match="does not match the config's crop"):
     take(train(np.zeros((4, 32, 32, 3), np.float32), global_batch_size=2), 1)
   with pytest.raises(ValueError, match="ArraySource expects"):
-    pipeline.ArraySource(np.zeros((4, 32, 32), np.float32))
+    sources.ArraySource(np.zeros((4, 32, 32), np.float32))
   with pytest.raises(ValueError, match="not both"):
-    train(train_samples, source=pipeline.ArraySource(np.zeros((4, CROP, CROP, 3), np.float32)))
+    train(train_samples, source=sources.ArraySource(np.zeros((4, CROP, CROP, 3), np.float32)))
 
 
 def _check_exactly_once(samples, batches_per_process, batch_rows):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from inpformer_jax.data import pipeline, prepare, preprocess, readers, tfds_builders
+from inpformer_jax.data import pipeline, prepare, preprocess, readers, sources, tfds_builders
 from tests.data.helpers import CROP, RESIZE, make_realiad, random_mvtec
 
 CLASSES = ["bottle", "cable"]
@@ -90,7 +90,7 @@ def test_real_iad_builder_passes_resolution_and_views(prepared):
   path = tfds_builders.builder_dir(data_dir, "real_iad", RESIZE, ["audiojack"],
                                    resolution="256", views=("C1",))
   assert "resize64-audiojack-resolution_256-views_C1" in path
-  src = pipeline.ArrayRecordSource(path, "test", with_masks=True)
+  src = sources.ArrayRecordSource(path, "test", with_masks=True)
   want = readers.read_dataset("realiad", ri, ["audiojack"], "test", resolution="256",
                               views=("C1",))
   assert len(src) == len(want) == 4  # 2 normal + 2 anomalous samples, view C1 only.
@@ -108,7 +108,7 @@ def test_concat_sources_for_super_multi_class(prepared):
   ri = tfds_builders.source(data_dir, "real_iad", "test", resize=RESIZE,
                             categories=["audiojack"], with_masks=True, resolution="256",
                             views=("C1",))
-  both = pipeline.ConcatSource(mv, ri)
+  both = sources.ConcatSource(mv, ri)
   assert len(both) == 16
   eb = pipeline.eval_batches(source=both, resize=RESIZE, crop=CROP, batch_size=6,
                              process_index=0, process_count=1)
@@ -132,7 +132,7 @@ def test_user_errors_name_the_fix(prepared, tmp_path):
     prepare.main(["--dataset", "visa", "--manual_dir", str(tmp_path / "nope"), "--data_dir",
                   str(tmp_path)])
   with pytest.raises(ValueError, match="has no split"):
-    pipeline.ArrayRecordSource(tfds_builders.builder_dir(data_dir, "mvtec", RESIZE, CLASSES),
+    sources.ArrayRecordSource(tfds_builders.builder_dir(data_dir, "mvtec", RESIZE, CLASSES),
                                "validation")
 
 

@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 from PIL import Image
 
+from inpformer_jax.data import prepared
 from inpformer_jax.data import preprocess
 from inpformer_jax.data import readers
 from inpformer_jax.data.records import Sample
@@ -158,13 +159,29 @@ class AnomalyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def prepare(builder_cls, *, manual_dir: str, data_dir: str, resize: int = 448,
             categories: Sequence[str] | None = None, encoding: str = "png",
             **reader_kwargs) -> str:
-  """Builds (or reuses) the ArrayRecord shards; returns the builder directory."""
+  """Builds (or reuses) the ArrayRecord shards and their manifest; returns the build directory.
+
+  The manifest (`prepared.write_manifest`) is written after the shards, from the same reader
+  calls the builder made, so a build without one is incomplete and never used for training.
+  """
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"manual_dir {manual_dir} does not exist: point it at the "
                             f"extracted {builder_cls.READER} dataset root")
-  builder = builder_cls(data_dir=data_dir, config=make_config(resize, categories, encoding,
-                                                             **reader_kwargs),
-                        file_format="array_record")
+  config = make_config(resize, categories, encoding, **reader_kwargs)
+  builder = builder_cls(data_dir=data_dir, config=config, file_format="array_record")
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return os.fspath(builder.data_dir)
+  path = os.fspath(builder.data_dir)
+  kwargs = dict(config.reader_kwargs)
+  splits = {split: readers.read_dataset(builder_cls.READER, manual_dir,
+                                        list(config.categories) or None, split, **kwargs)
+            for split in SPLITS}
+  for split, samples in splits.items():
+    stored = builder.info.splits[split].num_examples
+    if stored != len(samples):
+      raise ValueError(f"{path}: {stored} {split} records, but the reader now finds "
+                       f"{len(samples)} images under {manual_dir}; delete {path} and prepare "
+                       "again")
+  prepared.write_manifest(path, reader=builder_cls.READER, resize=resize, encoding=encoding,
+                          categories=config.categories, reader_kwargs=kwargs, splits=splits)
+  return path
