@@ -108,7 +108,7 @@ def find(data_dir: str, dataset: str, resize: int, categories: Sequence[str] | N
   right_side = [(d, m) for d, m in usable if m["resize"] == resize]
   if right_side:
     exact = lambda m: list(categories or ()) == m["categories"]  # noqa: E731
-    return min(right_side, key=lambda dm: (not exact(dm[1]), dm[1]["encoding"] != "raw"))[0:2]
+    return min(right_side, key=lambda dm: (not exact(dm[1]), dm[1]["encoding"] != "raw"))
   if usable:
     sides = sorted({m["resize"] for _, m in usable})
     raise ConfigError(f"{dataset} is prepared in {data_dir} with stored side {sides}, but "
