@@ -58,9 +58,7 @@ def config_name(resize: int, categories: Sequence[str] = (), encoding: str = "pn
   name = f"resize{resize}" + ("" if encoding == "png" else f"-{encoding}")
   if categories:
     name += "-" + "+".join(categories)
-  for k, v in sorted(reader_kwargs.items()):
-    if isinstance(v, (list, tuple)):
-      v = "+".join(map(str, v))
+  for k, v in prepared.options_key(reader_kwargs).items():
     name += f"-{k}_{v}"
   return name
 
