@@ -155,6 +155,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 1000  # and always at the end.
   c.train.max_to_keep = 2
+  # A resumed run checks that the checkpoint was made by the same data, model and optimiser
+  # settings (its sealed fingerprint) and stops, listing the differences, unless this is set.
+  c.train.allow_resume_changes = False
   # Compute the frozen encoder's two feature groups once and train the rest from them.
   # Exact (the recipes have no random augmentation); kept in device memory when it is
   # smaller than cache_device_bytes (host memory with several processes), else a

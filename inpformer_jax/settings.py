@@ -11,13 +11,15 @@ The settings differ in config only (`configs/common.py::apply_setting`):
 from __future__ import annotations
 
 from inpformer_jax import anomaly_map
+from inpformer_jax import checkpoint
+from inpformer_jax import errors
 from inpformer_jax import metrics
 
 SETTINGS = ("multi_class", "single_class", "few_shot", "zero_shot", "super_multi_class")
 MODES = ("train", "eval", "train_and_eval")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A user mistake in the config; the message names the field and the fix."""
 
 
@@ -35,3 +37,9 @@ def check_config(config, mode: str = "train_and_eval") -> None:
                       f"{metrics.PROTOCOLS}")
   if config.eval.map not in anomaly_map.MAP_KINDS:
     raise ConfigError(f"config.eval.map={config.eval.map!r}: one of {anomaly_map.MAP_KINDS}")
+  # Paths that are read only after the model is built: a mistake in them costs no wait.
+  if config.init_from and checkpoint.kind_of(config.init_from) == "none":
+    raise ConfigError(checkpoint.explain_unusable(config.init_from, "config.init_from"))
+  if config.resume and checkpoint.kind_of(config.resume) != "workdir":
+    raise ConfigError(f"config.resume={config.resume} is not a training workdir (it has no "
+                      f"{checkpoint.CKPT_SUBDIR}/); name the workdir of the run to continue")

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from inpformer_jax import errors
 from inpformer_jax import params as params_lib
 
 BATCH_AXES = ("data", "fsdp")
@@ -50,7 +51,7 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
-class MeshError(ValueError):
+class MeshError(errors.UserError, ValueError):
   """A device / mesh / batch / distributed setting that does not fit; says what to change."""
 
 

@@ -10,7 +10,11 @@ starts after the encoder (`feature_cache`).
 
 Run state: {"params": trainable, "opt_state", "step", "rng"}; checkpointed with the grain
 iterator position, so a resumed run continues with the same batches and reproduces the
-uninterrupted run's `train_metrics.jsonl`.
+uninterrupted run's `train_metrics.jsonl`. Each checkpoint is sealed with the run's
+fingerprint (`run_fingerprint`), checked on resume. Nothing bad is saved: the loss and the
+state are checked finite before each save, and a non-finite loss sets aside the checkpoints
+whose state led to it. SIGTERM (preemption, a scheduler's time limit) saves at the next step
+boundary and ends the run; running the command again resumes it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import tqdm
 from inpformer_jax import checkpoint
 from inpformer_jax import evaluate as eval_lib
 from inpformer_jax import feature_cache
+from inpformer_jax import guards
 from inpformer_jax import loading
 from inpformer_jax import optim
 from inpformer_jax import params as params_lib
@@ -42,6 +47,7 @@ from inpformer_jax import sharding
 from inpformer_jax.data import datasets
 from inpformer_jax.data import pipeline
 from inpformer_jax.data import readers
+from inpformer_jax.data import validate
 from inpformer_jax.losses import inpformer_loss
 from inpformer_jax.models import factory
 from inpformer_jax.models.inp_former import INPFormer
@@ -169,7 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (unless mode='eval' or zero-shot), then evaluates (unless mode='train').
 
   recipes: compiled steps to reuse (tests and sweeps running many configs in one process).
-  Returns the report written to WORKDIR/results.json (None when not evaluated).
+  Returns the report written to WORKDIR/results.json (None when not evaluated, or when
+  SIGTERM stopped the training after saving a checkpoint).
   """
   settings.check_config(config, mode)
   recipes = recipes or Recipes()
@@ -177,10 +184,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (Path(workdir) / checkpoint.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-  if config.setting == "single_class":
-    return _single_class(config, workdir, mode, recipes)
-  results, info = _run(config, workdir, "eval" if config.setting == "zero_shot" else mode,
-                       recipes)
+  mode = "eval" if config.setting == "zero_shot" else mode
+  # Every data fault of the run, found before any training (all of them in one error).
+  splits = validate.validate_run(config, mode)
+  try:
+    if config.setting == "single_class":
+      return _single_class(config, workdir, mode, recipes)
+    results, info = _run(config, workdir, mode, recipes, splits)
+  except guards.Preempted as stop:
+    loading.warn(str(stop))
+    return None
   if results is None or jax.process_index() != 0:
     return None
   return _report(results, workdir, info)
@@ -214,14 +227,25 @@ def _single_class(config, workdir, mode, recipes):
   return _report(results, workdir, dict(info, step="per class (see WORKDIR/<dataset>/<class>/)"))
 
 
-def _run(config, workdir, mode, recipes):
-  """Trains and/or evaluates one model. -> (results | None, info)."""
-  # The test split is read (listed, checked) before any training: a missing dataset stops
-  # the run at once, not after hours.
-  test = datasets.read_split(config.data, "test") if mode != "train" else None
+def _run(config, workdir, mode, recipes, splits=None):
+  """Trains and/or evaluates one model. -> (results | None, info).
+
+  splits: the run's data as `validate.validate_run` checked it (None: read here, e.g. one
+  class of a single-class run whose whole data was checked).
+  """
+  if splits is None:
+    splits = {w: datasets.read_split(config.data, w) for w in ("train", "test")
+              if (w == "train" and mode != "eval") or (w == "test" and mode != "train")}
+  test = splits.get("test")
   total_steps, source = config.train.total_steps or 1, None
+  # Before the model is built: a batch the devices cannot split is known from the config.
+  mesh = sharding.make_mesh(config.mesh)
   if mode != "eval":
-    source = datasets.training_source(config, datasets.read_split(config.data, "train"))
+    sharding.check_batch_size(config.train.batch_size, mesh)
+  if mode != "train":
+    sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+  if mode != "eval":
+    source = datasets.training_source(config, splits["train"])
     spe = pipeline.steps_per_epoch(len(source), config.train.batch_size)
     total_steps = config.train.total_steps or config.train.epochs * spe
   r = recipes.get(config, total_steps)
@@ -267,7 +291,6 @@ def _trained_for_eval(config, workdir, r: Recipe):
 def _train(config, workdir, r: Recipe, encoder, source, total_steps):
   mesh, tc = r.mesh, config.train
   bs = tc.batch_size
-  sharding.check_batch_size(bs, mesh)
 
   # Data: images through grain, or (cache) this process's shards' rows (`feature_cache`).
   cache, cache_on_device = None, False
@@ -283,27 +306,34 @@ def _train(config, workdir, r: Recipe, encoder, source, total_steps):
   data_iter = iter(data)
 
   # State: restored (own workdir, then config.resume), else initialised (config.init_from).
+  fingerprint = guards.run_fingerprint(config, source, total_steps, r.encoder_weights)
   ck = checkpoint.TrainCheckpointer(workdir, max_to_keep=tc.max_to_keep,
-                                    save_interval_steps=tc.checkpoint_every_steps)
+                                    save_interval_steps=tc.checkpoint_every_steps,
+                                    fingerprint=fingerprint)
+  check = guards.resume_check(fingerprint, tc.allow_resume_changes, loading.warn)
   try:
-    state, start = ck.restore(r.abstract, data_iter, log=loading.warn, set_aside=True)
-    resumed_from = ck.directory if state is not None else None
+    state, start = ck.restore(r.abstract, data_iter, log=loading.warn, set_aside=True,
+                              check=check)
+    resumed_from = ck if state is not None else None
     if state is None and config.resume:
       other = checkpoint.TrainCheckpointer(config.resume)
       try:
-        state, start = other.restore(r.abstract, data_iter, log=loading.warn)
+        state, start = other.restore(r.abstract, data_iter, log=loading.warn, check=check)
       finally:
         other.close()
       if state is None:
         raise settings.ConfigError(f"config.resume={config.resume}: no readable checkpoint there")
-      resumed_from = config.resume
+      resumed_from = other
     if state is None:
+      if list(ck.directory.glob(f"*{checkpoint.DIVERGED}")):
+        loading.warn(f"NOTE: {ck.directory} holds only checkpoints set aside after a divergence;"
+                     " starting from step 0.")
       trainable = r.trainable
       if config.init_from:
         trainable, _ = loading.init_trainable_from(config.init_from, trainable, r.abstract)
       state, start = r.init_state(trainable, config.seed), 0
     else:
-      print(f"resumed from {resumed_from} at step {start}", flush=True)
+      print(f"resumed from {resumed_from.directory.parent} at step {start}", flush=True)
     return _loop(config, workdir, r, encoder, state, int(start), total_steps, ck, data_iter,
                  cache, cache_on_device)
   finally:
@@ -320,49 +350,57 @@ def _loop(config, workdir, r, encoder, state, start, total_steps, ck, data_iter,
     gather = jax.jit(lambda c, i: {k: jnp.take(v, i, axis=0) for k, v in c.items()},
                      out_shardings=sharding.batch_sharding(mesh))
   pending: list[dict] = []
-  last_good = ck.all_steps()[-1] if ck.all_steps() else None
   t_last, n_last = time.time(), 0
   bar = tqdm.tqdm(total=total_steps, initial=start, desc="train", unit="step",
                   disable=pi != 0, dynamic_ncols=True)
   step = start
-  while step < total_steps:
-    local = next(data_iter)
-    if cache is None:
-      batch = sharding.global_batch({"image": local["image"]}, mesh)
-    else:
-      row = np.asarray(local["row"])  # this process's rows of the global batch, in its cache
-      if cache_on_device:
-        batch = gather(cache, sharding.global_batch({"row": row}, mesh)["row"])
-      else:
-        batch = sharding.global_batch({k: np.asarray(v[row]) for k, v in cache.items()}, mesh)
-    # Everything the step gets is already on device; an implicit host->device copy here
-    # would be a hidden per-step transfer, so it is an error.
-    with jax.transfer_guard_host_to_device("disallow"):
-      state, metrics = step_fn(state, encoder, batch)
-    pending.append(metrics)
-    step += 1
-    n_last += tc.batch_size
-    bar.update(1)
-    is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps
-    if step % tc.log_every_steps == 0 or is_ckpt:
-      rows = jax.device_get(pending)
-      pending = []
-      losses = np.array([m["loss"] for m in rows])
-      if not np.all(np.isfinite(losses)):
-        bad = step - len(rows) + int(np.argmin(np.isfinite(losses)))
-        raise FloatingPointError(
-            f"non-finite loss at step {bad + 1}; training stopped. The last good checkpoint "
-            f"is step {last_good} in {ck.directory}" if last_good is not None else
-            f"non-finite loss at step {bad + 1}; training stopped before any checkpoint")
-      dt = time.time() - t_last
-      row = {"step": step, **{k: float(np.mean([m[k] for m in rows]))
-                              for k in ("loss", "reconstruction", "coherence", "grad_norm")},
-             "lr": float(rows[-1]["lr"]), "images_per_sec": n_last / max(dt, 1e-9)}
-      log.write(row)
-      bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_sec']:.1f}")
-      t_last, n_last = time.time(), 0
-    if is_ckpt and ck.save(step, state, data_iter, force=step == total_steps):
-      last_good = step
-  bar.close()
+  with guards.Preemption() as preemption:
+    try:
+      while step < total_steps:
+        local = next(data_iter)
+        if cache is None:
+          batch = sharding.global_batch({"image": local["image"]}, mesh)
+        else:
+          row = np.asarray(local["row"])  # this process's rows of the global batch, its cache
+          if cache_on_device:
+            batch = gather(cache, sharding.global_batch({"row": row}, mesh)["row"])
+          else:
+            batch = sharding.global_batch({k: np.asarray(v[row]) for k, v in cache.items()},
+                                          mesh)
+        # Everything the step gets is already on device; an implicit host->device copy here
+        # would be a hidden per-step transfer, so it is an error.
+        with jax.transfer_guard_host_to_device("disallow"):
+          state, metrics = step_fn(state, encoder, batch)
+        pending.append(metrics)
+        step += 1
+        n_last += tc.batch_size
+        bar.update(1)
+        preempted = preemption.reached(step)
+        is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or preempted
+        if step % tc.log_every_steps == 0 or is_ckpt:
+          rows = jax.device_get(pending)
+          pending = []
+          losses, bad = guards.finite_rows(rows)
+          if bad is not None:
+            first = step - len(rows) + bad + 1
+            raise guards.diverged(ck, first, "non-finite loss", bad_state=first - 1)
+          dt = time.time() - t_last
+          row = {"step": step, **{k: float(np.mean([m[k] for m in rows]))
+                                  for k in ("loss", "reconstruction", "coherence", "grad_norm")},
+                 "lr": float(rows[-1]["lr"]), "images_per_sec": n_last / max(dt, 1e-9)}
+          log.write(row)
+          bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_sec']:.1f}")
+          t_last, n_last = time.time(), 0
+        if is_ckpt:
+          if not bool(guards.all_finite(state)):
+            raise guards.diverged(ck, step, "non-finite parameters or optimiser state",
+                                  bad_state=step)
+          ck.save(step, state, data_iter, force=step == total_steps or preempted,
+                  metrics={"loss": float(losses[-1])})
+        if preempted:
+          ck.wait_until_finished()
+          raise guards.Preempted(step, ck.directory)
+    finally:
+      bar.close()
   ck.wait_until_finished()
   return state

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -43,39 +44,105 @@ def test_kind_of_and_the_one_line_explanation(tmp_path):
   assert checkpoint.calibration_path(tmp_path / "model.pth").name == "model.pth.calibration.json"
 
 
-def test_damaged_latest_checkpoint_falls_back(tmp_path):
-  state = {"w": np.arange(4, dtype=np.float32), "step": np.int32(0)}
-  ck = checkpoint.TrainCheckpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
-  for step in (1, 2):
-    ck.save(step, {"w": state["w"] + step, "step": np.int32(step)})
+def _flip_one_byte(step_dir) -> str:
+  """Flips one byte in the middle of the largest data file of a step (not its seal)."""
+  f = max((f for f in step_dir.rglob("*") if f.is_file() and f.name != checkpoint.SEAL_FILE),
+          key=lambda f: f.stat().st_size)
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  f.write_bytes(bytes(data))
+  return str(f.relative_to(step_dir))
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(100).to_iter_dataset())
+
+
+def _save_steps(tmp_path, steps=(1, 2), max_to_keep=3):
+  """Step s holds w = arange(4) + s and the data iterator after 2 * s elements."""
+  it = _iterator()
+  ck = checkpoint.TrainCheckpointer(tmp_path, max_to_keep=max_to_keep, save_interval_steps=1)
+  for step in steps:
+    for _ in range(2):
+      next(it)
+    ck.save(step, {"w": np.arange(4, dtype=np.float32) * 1000 + step, "step": np.int32(step)},
+            it)
   ck.close()
-  for f in (tmp_path / "ckpt" / "2").rglob("*"):
-    if f.is_file() and f.parent.name != "ckpt":
-      f.write_bytes(b"garbage")
+
+
+ABSTRACT = {"w": jax.ShapeDtypeStruct((4,), np.float32), "step": jax.ShapeDtypeStruct((), np.int32)}
+
+
+def test_a_flipped_byte_is_found_and_the_previous_step_restored(tmp_path):
+  _save_steps(tmp_path)
+  flipped = _flip_one_byte(tmp_path / "ckpt" / "2")
   ck = checkpoint.TrainCheckpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
-  messages = []
+  messages, it = [], _iterator()
   # A reader skips the damaged step and leaves the directory as it is ...
-  restored, step = ck.restore(abstract, log=messages.append)
-  assert step == 1 and ck.all_steps() == [1, 2]
+  restored, step = ck.restore(ABSTRACT, it, log=messages.append)
+  assert step == 1 and ck.all_steps() == [1, 2] and next(it) == 2  # step 1's data position
   # ... the run that owns it moves the damaged step aside.
-  restored, step = ck.restore(abstract, log=messages.append, set_aside=True)
+  restored, step = ck.restore(ABSTRACT, log=messages.append, set_aside=True)
   assert ck.all_steps() == [1]
   ck.close()
-  assert step == 1 and np.array_equal(restored["w"], np.arange(4) + 1)
-  assert len(messages) == 2 and all("does not read back" in m and "/ckpt/2" in m
-                                    for m in messages)
+  assert step == 1 and np.array_equal(restored["w"], np.arange(4) * 1000 + 1)
+  assert len(messages) == 2 and all("/ckpt/2 is damaged" in m and flipped in m
+                                    and "differ from their checksum" in m for m in messages)
   assert "moved to" in messages[1] and "moved to" not in messages[0]
   # The damaged step is moved aside, so the resumed run can write step 2 again.
   assert (tmp_path / "ckpt" / "2.damaged").is_dir()
   ck = checkpoint.TrainCheckpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
-  assert ck.all_steps() == [1] and ck.save(2, {"w": state["w"] + 2, "step": np.int32(2)})
+  assert ck.all_steps() == [1] and ck.save(2, {"w": np.arange(4, dtype=np.float32) + 2,
+                                               "step": np.int32(2)})
   ck.close()
   # Without a target the state comes back as saved.
   ck = checkpoint.TrainCheckpointer(tmp_path)
   restored, step = ck.restore()
   ck.close()
   assert step == 2 and np.array_equal(np.asarray(restored["w"]), np.arange(4) + 2)
+
+
+def test_every_step_damaged_stops_and_leaves_the_data_position(tmp_path):
+  _save_steps(tmp_path)
+  _flip_one_byte(tmp_path / "ckpt" / "2")
+  (tmp_path / "ckpt" / "1" / checkpoint.SEAL_FILE).unlink()  # killed before it was sealed
+  it = _iterator()
+  for attempt in range(2):  # the second finds only the steps the first set aside
+    ck = checkpoint.TrainCheckpointer(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="every step is damaged") as e:
+      ck.restore(ABSTRACT, it, log=lambda m: None, set_aside=True)
+    ck.close()
+    assert "every step is damaged (2, 1)" in str(e.value), str(e.value)
+    assert "To start over on purpose" in str(e.value)
+    assert not ck.all_steps(), attempt
+  assert next(it) == 0  # the failed restores did not move the data iterator
+
+
+def test_an_intact_step_of_another_model_is_an_error_not_damage(tmp_path):
+  _save_steps(tmp_path, steps=(1,))
+  ck = checkpoint.TrainCheckpointer(tmp_path)
+  other = dict(ABSTRACT, bias=jax.ShapeDtypeStruct((4,), np.float32))  # a leaf it never had
+  it = _iterator()
+  with pytest.raises(checkpoint.CheckpointError, match="intact but does not restore"):
+    ck.restore(other, it, set_aside=True, log=pytest.fail)
+  assert ck.all_steps() == [1] and next(it) == 0  # nothing set aside, data position kept
+  # check(step, seal) runs before the restore, with the seal's fields.
+  seen = []
+  ck.restore(ABSTRACT, check=lambda step, seal: seen.append((step, seal["step"])))
+  ck.close()
+  assert seen == [(1, 1)]
+
+
+def test_params_dir_is_sealed(tmp_path, capsys):
+  params = {"w": np.arange(1000, dtype=np.float32)}
+  checkpoint.save_params(tmp_path / "p", params, {"kind": "test"})
+  checkpoint.load_params(tmp_path / "p")
+  _flip_one_byte(tmp_path / "p")
+  with pytest.raises(checkpoint.CheckpointError, match="is damaged.*differ from their checksum"):
+    checkpoint.load_params(tmp_path / "p")
+  (tmp_path / "p" / checkpoint.SEAL_FILE).unlink()  # a directory from before the seals
+  checkpoint.load_params(tmp_path / "p")
+  assert "cannot be checked for damage" in capsys.readouterr().err
 
 
 def test_a_checkpoint_of_another_topology_restores_as_saved(tmp_path, compilation_cache):

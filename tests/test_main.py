@@ -24,7 +24,7 @@ def test_cli_rejects_unknown_keys_and_missing_roots(tmp_path):
 
 
 def test_cli_names_an_unusable_init_from(tmp_path):
-  # (a real test set: it is read, and checked, before the model is loaded)
+  # (checked with the config, before any data or model is read)
   r = _cli("--config", "configs/mvtec.py:setting=zero_shot,runlocal=True", "--workdir",
            str(tmp_path / "w"), f"--config.data.roots.mvtec={make_mvtec_like(tmp_path / 'd')}",
            "--config.data.categories.mvtec=bottle,cable",

@@ -9,9 +9,12 @@ subprocesses).
 
 import csv
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +24,8 @@ import pytest
 
 from configs import mvtec, realiad, super_multi_class, visa
 from inpformer_jax import checkpoint
+from inpformer_jax import errors
+from inpformer_jax import guards
 from inpformer_jax import loading
 from inpformer_jax import metrics
 from inpformer_jax import reports
@@ -170,8 +175,10 @@ RESUME = {"train.total_steps": 10, "train.checkpoint_every_steps": EVERY,
 
 
 def _saved_steps(workdir) -> list[int]:
+  """The finished (sealed) checkpoint steps."""
   ckpt = workdir / checkpoint.CKPT_SUBDIR
-  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()
+                and (p / checkpoint.SEAL_FILE).is_file()) if ckpt.is_dir() else []
 
 
 def _logged_steps(workdir) -> list[int]:
@@ -216,12 +223,38 @@ def _kill_between_checkpoints(proc, workdir) -> None:
   pytest.fail("the run finished before it was seen between two checkpoints")
 
 
-def test_resume_after_kill_equals_uninterrupted_run(data, recipes, tmp_path, compilation_cache,
-                                                    capsys):
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  total = RESUME["train.total_steps"]
-  train.train_and_evaluate(local_config(mvtec.get_config, "", data, **RESUME), str(straight),
+@pytest.fixture(scope="module")
+def straight(data, recipes, tmp_path_factory):
+  """The uninterrupted RESUME run's workdir."""
+  workdir = tmp_path_factory.mktemp("straight")
+  train.train_and_evaluate(local_config(mvtec.get_config, "", data, **RESUME), str(workdir),
                            mode="train", recipes=recipes)
+  return workdir
+
+
+def _sigterm_once_a_step_past(workdir, step: int) -> threading.Thread:
+  """Sends this process SIGTERM once the run resumed at `step` has logged a step after it
+  (first the resumed run drops the rows the killed run logged after it)."""
+
+  def watch():
+    deadline, resumed = time.time() + 300, False
+    while time.time() < deadline:
+      logged = _logged_steps(workdir)
+      resumed = resumed or not logged or logged[-1] <= step
+      if resumed and logged and logged[-1] > step:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.001)
+
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread
+
+
+def test_resume_after_kill_and_sigterm_equals_uninterrupted_run(data, recipes, straight, tmp_path,
+                                                                compilation_cache, capsys):
+  killed = tmp_path / "killed"
+  total = RESUME["train.total_steps"]
   # (the same XLA flags as this process, and its compilation cache)
   env = subprocess_env(compilation_cache, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   proc = subprocess.Popen(
@@ -234,10 +267,21 @@ def test_resume_after_kill_equals_uninterrupted_run(data, recipes, tmp_path, com
   # It died after step `killed_at`, which it had logged; the steps since `resume_at` are lost.
   killed_at, resume_at = _logged_steps(killed)[-1], _saved_steps(killed)[-1]
   assert EVERY <= resume_at < killed_at < total and killed_at % EVERY, (resume_at, killed_at)
-  # The same run started again (here in-process) continues from its newest checkpoint.
+  # The same run started again (here in-process) continues from its newest checkpoint; a
+  # SIGTERM soon after saves the step it has reached (off the every-3 grid) and ends the run.
+  watcher = _sigterm_once_a_step_past(killed, resume_at)
+  assert train.train_and_evaluate(local_config(mvtec.get_config, "", data, **RESUME),
+                                  str(killed), mode="train", recipes=recipes) is None
+  watcher.join()
+  out, err = capsys.readouterr()
+  assert f"at step {resume_at}" in out
+  preempted_at = _saved_steps(killed)[-1]
+  assert resume_at < preempted_at < total and _logged_steps(killed)[-1] == preempted_at
+  assert f"preempted (SIGTERM): checkpoint of step {preempted_at} saved" in err
+  # Started once more, it finishes from the step the SIGTERM saved.
   train.train_and_evaluate(local_config(mvtec.get_config, "", data, **RESUME), str(killed),
                            mode="train", recipes=recipes)
-  assert f"at step {resume_at}" in capsys.readouterr().out
+  assert f"at step {preempted_at}" in capsys.readouterr().out
   (want, want_step), (got, got_step) = (loading.trained_state(w) for w in (straight, killed))
   assert int(want_step) == int(got_step) == int(got["step"]) == total
   # Every step learns (lr > 0), so equal final params need the params, the data position
@@ -253,3 +297,26 @@ def test_resume_after_kill_equals_uninterrupted_run(data, recipes, tmp_path, com
   assert_same_rows(want_rows, rows)
   initial = recipes.get(local_config(mvtec.get_config, "", data, **RESUME), total).trainable
   assert max_abs_diff(want["params"], initial) > 1e-3
+
+
+def test_changed_settings_stop_a_resume_and_a_divergence_saves_nothing_bad(data, recipes, straight,
+                                                                         tmp_path, capsys):
+  """Resumed from the straight run's step 10 with an exploding learning rate: step 11's loss
+  is still finite, so step 11 is saved with huge parameters; step 12's loss is not. Step 11
+  is set aside and step 10 is named as the last good checkpoint."""
+  workdir = tmp_path / "wd"
+  shutil.copytree(straight, workdir)
+  blown = local_config(mvtec.get_config, "", data, **dict(
+      RESUME, **{"train.total_steps": 16, "train.checkpoint_every_steps": 1,
+                 "optim.lr": 1e30}))
+  with pytest.raises(errors.UserError, match="step 10 was made by other settings") as e:
+    train.train_and_evaluate(blown, str(workdir), mode="train", recipes=recipes)
+  assert "optim.lr: 0.001 -> 1e+30" in str(e.value), str(e.value)
+  assert "train.total_steps: 10 -> 16" in str(e.value) and _saved_steps(workdir) == [9, 10]
+  blown.train.allow_resume_changes = True
+  with pytest.raises(guards.TrainingDiverged, match="non-finite loss at step 12") as e:
+    train.train_and_evaluate(blown, str(workdir), mode="train", recipes=recipes)
+  assert "The last good checkpoint is step 10" in str(e.value)
+  assert "resuming step 10 with changed settings" in capsys.readouterr().err
+  # max_to_keep=2 dropped step 9 when step 11 was saved
+  assert _saved_steps(workdir) == [10] and (workdir / "ckpt" / "11.diverged").is_dir()

@@ -10,6 +10,8 @@ Checkpoint files are read without torch (`torch_files.py`); `weights_conversion/
 top of the repository holds the command lines.
 """
 
+from inpformer_jax import errors
 
-class ConversionError(ValueError):
+
+class ConversionError(errors.UserError, ValueError):
   """A checkpoint that does not convert; the message names the file or keys and the fix."""

@@ -22,6 +22,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
+from inpformer_jax import errors
 from inpformer_jax.conversion import ConversionError
 
 _WRAPPER_KEYS = ("state_dict", "model", "teacher")
@@ -289,7 +290,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    raise errors.MissingFileError(f"checkpoint file {path} does not exist")
   if os.path.getsize(path) == 0:
     raise ConversionError(f"{path} is empty (an interrupted download?): {_FIX}")
   with open(path, "rb") as f:

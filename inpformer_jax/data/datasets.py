@@ -99,17 +99,25 @@ def read(dataset_specs: Sequence[Mapping[str, Any]], split: str) -> list[Sample]
   return samples
 
 
+def check_source(data_config) -> None:
+  if data_config.source not in SOURCES:
+    raise ConfigError(f"config.data.source={data_config.source!r}; choose one of "
+                      f"{', '.join(SOURCES)}")
+
+
+def files_split(data_config, samples: Sequence[Sample], split: str) -> Split:
+  """Listed image files as a Split: their grain source reads masks for the test split."""
+  return Split(list(samples), sources.PathSource(samples, data_config.resize,
+                                                 with_masks=split == "test"))
+
+
 def read_split(data_config, which: str, split: str | None = None) -> Split:
   """The datasets named by config.data.<which> ('train' | 'test'), split `split` (= which)."""
   split = split or which
   dataset_specs = specs(data_config, which)
-  if data_config.source not in SOURCES:
-    raise ConfigError(f"config.data.source={data_config.source!r}; choose one of "
-                      f"{', '.join(SOURCES)}")
+  check_source(data_config)
   if data_config.source == "files":
-    samples = read(dataset_specs, split)
-    return Split(samples, sources.PathSource(samples, data_config.resize,
-                                             with_masks=split == "test"))
+    return files_split(data_config, read(dataset_specs, split), split)
   parts = []
   for spec in dataset_specs:
     spec = dict(spec)

@@ -33,12 +33,16 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import zlib
 
 import numpy as np
 import skimage.data
 from PIL import Image, ImageDraw
 from scipy import ndimage
+
+from inpformer_jax import cli
+from inpformer_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,10 @@ MIN_CONTRAST = {"foreign": 40.0, "scratch": 60.0, "cutpaste": 40.0}
 MIN_EXTENT = 0.2
 
 
+class DemoClassError(errors.UserError, ValueError):
+  """A --classes name that is not a demo class."""
+
+
 def skimage_data_dir() -> str:
   return os.path.dirname(skimage.data.__file__)
 
@@ -102,7 +110,7 @@ def load_source(src: Source) -> np.ndarray:
   """uint8 (H, W, 3) straight from the file in the scikit-image wheel (no pooch, no network)."""
   path = os.path.join(skimage_data_dir(), src.file)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"{path} is missing: the demo needs scikit-image's bundled sample images "
         "(pip install 'scikit-image>=0.25'; they are part of the wheel)")
   with Image.open(path) as img:
@@ -329,11 +337,12 @@ def make_demo_dataset(out_dir: str, seed: int = 0, *, classes=DEMO_CLASSES, size
   """Writes the demo dataset; returns the manifest (also saved as demo_manifest.json)."""
   for name in classes:
     if name not in CLASS_SOURCES:
-      raise ValueError(f"unknown demo class {name!r}; known: {DEMO_CLASSES}")
+      raise DemoClassError(f"unknown demo class {name!r} (--classes); known: "
+                           f"{','.join(DEMO_CLASSES)}")
     cls_dir = os.path.join(out_dir, name)
     if os.path.exists(cls_dir):
       if not overwrite:
-        raise FileExistsError(f"{cls_dir} exists; pass --overwrite to replace it")
+        raise errors.OutputExistsError(f"{cls_dir} exists; pass --overwrite to replace it")
       shutil.rmtree(cls_dir)
   os.makedirs(out_dir, exist_ok=True)
   foreign = {k: load_source(v) for k, v in FOREIGN_SOURCES.items()}
@@ -353,7 +362,17 @@ def make_demo_dataset(out_dir: str, seed: int = 0, *, classes=DEMO_CLASSES, size
   return manifest
 
 
-def main(argv=None) -> None:
+def _main(args: argparse.Namespace) -> int:
+  classes = tuple(c for c in args.classes.split(",") if c)
+  manifest = make_demo_dataset(args.out, args.seed, classes=classes, size=args.size,
+                               overwrite=args.overwrite)
+  for name, entry in manifest["classes"].items():
+    print(f"{name}: {len(entry['train'])} train, {len(entry['test'])} test images")
+  print(f"wrote {os.path.abspath(args.out)}")
+  return 0
+
+
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="output folder (MVTec layout)")
   parser.add_argument("--seed", type=int, default=0)
@@ -361,14 +380,8 @@ def main(argv=None) -> None:
   parser.add_argument("--classes", default=",".join(DEMO_CLASSES),
                       help=f"comma-separated subset of {','.join(DEMO_CLASSES)}")
   parser.add_argument("--overwrite", action="store_true", help="replace existing class folders")
-  args = parser.parse_args(argv)
-  classes = tuple(c for c in args.classes.split(",") if c)
-  manifest = make_demo_dataset(args.out, args.seed, classes=classes, size=args.size,
-                               overwrite=args.overwrite)
-  for name, entry in manifest["classes"].items():
-    print(f"{name}: {len(entry['train'])} train, {len(entry['test'])} test images")
-  print(f"wrote {os.path.abspath(args.out)}")
+  return cli.run(_main, parser, argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -21,11 +21,13 @@ rounding depends on the CPU's vector width (see `affine_grid`).
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from typing import Sequence
 
 import numpy as np
 
+from inpformer_jax import errors
 from inpformer_jax.data import preprocess
 from inpformer_jax.data.records import Sample
 
@@ -38,6 +40,10 @@ TRANSLATIONS = ((0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2), (0.2, -0.2),
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # kornia rgb_to_grayscale (ITU-R BT.601)
 
 
+class ShotsError(errors.UserError, ValueError):
+  """config.few_shot.shots that the training split cannot supply (names the class and folder)."""
+
+
 def select_shots(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
   """k samples per category, chosen by `seed`, categories in first-seen order.
 
@@ -45,7 +51,7 @@ def select_shots(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
   on the order of the list or on which other classes are present.
   """
   if k <= 0:
-    raise ValueError(f"shots must be >= 1, got {k}")
+    raise ShotsError(f"config.few_shot.shots={k}: must be >= 1")
   by_class: dict[str, list[Sample]] = {}
   for s in samples:
     by_class.setdefault(s.category, []).append(s)
@@ -55,8 +61,10 @@ def select_shots(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
       raise ValueError(f"few-shot images must be normal; class {category!r} has anomalous ones "
                        "(pass the train split)")
     if len(group) < k:
-      raise ValueError(f"class {category!r} has {len(group)} training images, fewer than "
-                       f"shots={k}")
+      folder = os.path.dirname(group[0].image_path)
+      raise ShotsError(f"class {category!r} has {len(group)} normal training images (in "
+                       f"{folder}), fewer than config.few_shot.shots={k}: pass "
+                       f"--config.few_shot.shots={len(group)} or add images")
     group = sorted(group, key=lambda s: s.image_path)
     rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
     out.extend(group[i] for i in sorted(rng.choice(len(group), size=k, replace=False)))

@@ -8,6 +8,9 @@ Then train with --config.data.source=array_record --config.data.tfds_dir=/data/t
 reads the same images, in the same order, as from the files (`prepared.open_split`), minus the
 JPEG/PNG decode and the resize of the full-size originals. --dataset takes every reader name:
 mvtec, visa, realiad, demo, folder (any MVTec-layout folder), mpdd, btad.
+
+A user mistake (a missing --manual_dir, a dataset that does not read, an option for another
+dataset) is one `error: ...` line and exit status 2; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import logging
 import sys
 import time
 
+from inpformer_jax import cli
+from inpformer_jax import errors
 from inpformer_jax.data import prepared
 from inpformer_jax.data import tfds_builders
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m inpformer_jax.data.prepare",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--dataset", required=True,
@@ -40,11 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--views", default=None, help="Real-IAD only: e.g. C1,C3 (default: all 5)")
   p.add_argument("--jsons", default=None,
                  help="Real-IAD only: the split-JSON folder (default realiad_jsons)")
-  return p.parse_args(argv)
+  return p
 
 
-def main(argv=None) -> str:
-  args = parse_args(argv)
+def prepare(args: argparse.Namespace) -> str:
+  """Writes the shards `args` ask for -> their build directory."""
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   cls = tfds_builders.builder_class(args.dataset)
   reader_kwargs = {}
@@ -53,7 +58,8 @@ def main(argv=None) -> str:
     if value is None:
       continue
     if cls is not tfds_builders.RealIad:
-      sys.exit(f"--{key} applies to real_iad only, not {args.dataset}")
+      raise errors.UserError(f"--{key} applies to --dataset real_iad only, not {args.dataset}: "
+                             f"drop --{key}")
     reader_kwargs[key] = tuple(value.split(",")) if key == "views" else value
   categories = [c for c in args.categories.split(",") if c] or None
   t0 = time.time()
@@ -64,5 +70,14 @@ def main(argv=None) -> str:
   return path
 
 
+def _main(args: argparse.Namespace) -> int:
+  prepare(args)
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(_main, parser(), argv)
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

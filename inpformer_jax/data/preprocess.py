@@ -28,6 +28,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from inpformer_jax import errors
+
 # torchvision's ImageNet statistics; the pipeline applies them in float32 as torch does.
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
@@ -36,7 +38,7 @@ IMAGENET_STD = np.array(IMAGENET_STD_RGB, np.float32)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class ImageReadError(OSError):
+class ImageReadError(errors.UserError, OSError):
   """An image or mask file that PIL cannot decode (the message names the file)."""
 
 

@@ -26,11 +26,12 @@ CLASSES: dict[str, tuple[str, ...]] = {
 
 
 def read_demo(root: str, categories: Sequence[str] | None = None, split: str = "test", *,
-              check_sizes: bool = True, verify: bool = False) -> list[Sample]:
+              check_sizes: bool = True, verify: bool = False,
+              faults: list[folder.Fault] | None = None) -> list[Sample]:
   """The generated demo dataset (strict MVTec layout, every class found under root)."""
   return folder.read_layout(root, categories, split, dataset="demo", good="good",
                             mask_suffix="_mask", masks_required=True, check_sizes=check_sizes,
-                            verify=verify)
+                            verify=verify, faults=faults)
 
 
 READERS: dict[str, Callable[..., list[Sample]]] = {

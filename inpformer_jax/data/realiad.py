@@ -51,39 +51,62 @@ def _normalise_views(views: Iterable[str | int] | None) -> set[str] | None:
   return out
 
 
-def view_of(path: str) -> str:
-  """'C1'..'C5' from a Real-IAD file name (`..._OK_C3_20231021130208.jpg`)."""
+def view_of(path: str, faults: list[folder.Fault] | None = None) -> str | None:
+  """'C1'..'C5' from a Real-IAD file name (`..._OK_C3_20231021130208.jpg`); None: a fault."""
   m = _VIEW.search(os.path.basename(path))
   if m is None:
-    raise folder.DatasetLayoutError(
-        f"{path}: no camera view (_C1_ .. _C5_) in the file name, so views= cannot filter it")
+    folder.fault(faults, path, f"{path}: no camera view (_C1_ .. _C5_) in the file name, so "
+                 "views= cannot filter it")
+    return None
   return m.group(1)
 
 
-def find_json(root: str, category: str, jsons: str = "realiad_jsons") -> str:
+def find_json(root: str, category: str, jsons: str = "realiad_jsons",
+              faults: list[folder.Fault] | None = None) -> str | None:
   candidates = [os.path.join(root, jsons, jsons, f"{category}.json"),
                 os.path.join(root, jsons, f"{category}.json")]
   for c in candidates:
     if os.path.isfile(c):
       return c
-  raise folder.DatasetLayoutError(
-      f"no split file for class {category!r}: looked for {' and '.join(candidates)}")
+  folder.fault(faults, candidates[0],
+               f"no split file for class {category!r}: looked for {' and '.join(candidates)}")
+  return None
 
 
-def _resolve(bases: list[str], rel: str, where: str, layout: str) -> str:
-  """The first of bases/rel that exists; the error names the primary (class-folder) path."""
+def _resolve(bases: list[str], rel: str, where: str, layout: str,
+             faults: list[folder.Fault] | None) -> str | None:
+  """The first of bases/rel that exists; the fault names the primary (class-folder) path."""
   for base in bases:
     path = os.path.join(base, rel)
     if os.path.isfile(path):
       return os.path.abspath(path)
-  raise folder.DatasetLayoutError(
-      f"{where} names {rel!r}, but {os.path.join(bases[0], rel)} does not exist\n{layout}")
+  folder.fault(faults, os.path.join(bases[0], rel), f"{where} names {rel!r}, but "
+               f"{os.path.join(bases[0], rel)} does not exist", layout)
+  return None
+
+
+def _load_split(json_path: str, split: str, layout: str,
+                faults: list[folder.Fault] | None) -> dict | None:
+  try:
+    with open(json_path) as f:
+      spec = json.load(f)
+  except json.JSONDecodeError as e:
+    folder.fault(faults, json_path, f"{json_path} is not valid JSON: {e}")
+    return None
+  if not isinstance(spec, dict) or split not in spec or not isinstance(spec[split], list):
+    folder.fault(faults, json_path, f"{json_path} has no {split!r} list", layout)
+    return None
+  return spec
 
 
 def read_realiad_class(root: str, category: str, split: str, *, resolution: str = "1024",
                        views: Iterable[str | int] | None = None, jsons: str = "realiad_jsons",
-                       check_sizes: bool = True) -> list[Sample]:
-  """Samples of one Real-IAD class for split 'train' or 'test'."""
+                       check_sizes: bool = True,
+                       faults: list[folder.Fault] | None = None) -> list[Sample]:
+  """Samples of one Real-IAD class for split 'train' or 'test'.
+
+  faults: None raises at the first fault; a list collects them (`folder.read_class`).
+  """
   if split not in folder.SPLITS:
     raise ValueError(f"split must be one of {folder.SPLITS}, got {split!r}")
   resolution = str(resolution)
@@ -94,20 +117,17 @@ def read_realiad_class(root: str, category: str, split: str, *, resolution: str 
   image_root = os.path.join(root, f"realiad_{resolution}")
   if not os.path.isdir(image_root):
     present = sorted(d for d in os.listdir(root) if d.startswith("realiad_"))
-    raise folder.DatasetLayoutError(
-        f"{image_root} does not exist (found {present}); pick resolution= among the folders "
-        f"you have\n{layout}")
+    folder.fault(faults, image_root, f"{image_root} does not exist (found {present}); pick "
+                 "resolution= among the folders you have", layout)
+    return []
   class_dir = os.path.join(image_root, category)
   if not os.path.isdir(class_dir):
-    raise folder.DatasetLayoutError(f"class folder {class_dir} does not exist\n{layout}")
-  json_path = find_json(root, category, jsons)
-  try:
-    with open(json_path) as f:
-      spec = json.load(f)
-  except json.JSONDecodeError as e:
-    raise folder.DatasetLayoutError(f"{json_path} is not valid JSON: {e}") from e
-  if not isinstance(spec, dict) or split not in spec or not isinstance(spec[split], list):
-    raise folder.DatasetLayoutError(f"{json_path} has no {split!r} list\n{layout}")
+    folder.fault(faults, class_dir, f"class folder {class_dir} does not exist", layout)
+    return []
+  json_path = find_json(root, category, jsons, faults)
+  spec = None if json_path is None else _load_split(json_path, split, layout, faults)
+  if spec is None:
+    return []
 
   # Paths are relative to the class folder (official loader); the JSONs' meta.prefix (the
   # class name in the release) names the same folder relative to realiad_<res>/, and some
@@ -117,43 +137,54 @@ def read_realiad_class(root: str, category: str, split: str, *, resolution: str 
   if isinstance(prefix, str) and prefix:
     bases.append(os.path.join(image_root, prefix))
   bases.append(image_root)
-  samples = []
+  samples, listed = [], 0
   for i, item in enumerate(spec[split]):
     where = f"{json_path} [{split}][{i}]"
     if not isinstance(item, dict) or "image_path" not in item or "anomaly_class" not in item:
-      raise folder.DatasetLayoutError(f"{where} lacks image_path/anomaly_class: {item!r}\n{layout}")
-    if item.get("category", category) != category:
-      raise folder.DatasetLayoutError(
-          f"{where} belongs to category {item['category']!r}, not {category!r}: wrong JSON file?")
-    if want_views is not None and view_of(item["image_path"]) not in want_views:
+      folder.fault(faults, json_path, f"{where} lacks image_path/anomaly_class: {item!r}", layout)
       continue
-    image = _resolve(bases, item["image_path"], where, layout)
+    if item.get("category", category) != category:
+      folder.fault(faults, json_path, f"{where} belongs to category {item['category']!r}, not "
+                   f"{category!r}: wrong JSON file?")
+      continue
+    if want_views is not None:
+      view = view_of(item["image_path"], faults)
+      if view not in want_views:
+        continue
+    listed += 1
+    image = _resolve(bases, item["image_path"], where, layout, faults)
     defect = item["anomaly_class"]
     if defect == NORMAL_CLASS:
-      samples.append(Sample(image, None, 0, "realiad", category, "good", True))
+      if image is not None:
+        samples.append(Sample(image, None, 0, "realiad", category, "good", True))
       continue
+    mask = None
     if not item.get("mask_path"):
-      raise folder.DatasetLayoutError(
-          f"{where}: anomalous image {image} ({defect}) has no mask_path\n{layout}")
-    mask = _resolve(bases, item["mask_path"], where, layout)
-    if check_sizes:
+      folder.fault(faults, image or json_path, f"{where}: anomalous image {image} ({defect}) "
+                   "has no mask_path", layout)
+    else:
+      mask = _resolve(bases, item["mask_path"], where, layout, faults)
+    if image is None:
+      continue
+    if check_sizes and mask is not None:
       folder.check_same_size(image, mask)
-    samples.append(Sample(image, mask, 1, "realiad", category, defect, True))
-  if not samples:
-    raise folder.DatasetLayoutError(
-        f"class {category!r} has no {split} images in {json_path}"
-        + (f" for views {sorted(want_views)}" if want_views else ""))
+    samples.append(Sample(image, mask, 1, "realiad", category, defect, mask is not None))
+  if not listed:
+    folder.fault(faults, json_path, f"class {category!r} has no {split} images in {json_path}"
+                 + (f" for views {sorted(want_views)}" if want_views else ""))
   return samples
 
 
 def read_realiad(root: str, categories: Sequence[str] | None = None, split: str = "test", *,
                  resolution: str = "1024", views: Iterable[str | int] | None = None,
                  jsons: str = "realiad_jsons", check_sizes: bool = True,
-                 verify: bool = False) -> list[Sample]:
+                 verify: bool = False, faults: list[folder.Fault] | None = None
+                 ) -> list[Sample]:
   """Samples of Real-IAD; categories None: all 30 classes. jsons picks the split setting."""
   if not os.path.isdir(root):
-    raise folder.DatasetLayoutError(
-        f"dataset root {root} does not exist\n{LAYOUT.format(res=resolution, jsons=jsons)}")
+    folder.fault(faults, root, f"dataset root {root} does not exist",
+                 LAYOUT.format(res=resolution, jsons=jsons))
+    return []
   if categories is None:
     categories = REALIAD_CLASSES
   elif isinstance(categories, str):
@@ -161,7 +192,7 @@ def read_realiad(root: str, categories: Sequence[str] | None = None, split: str 
   samples = []
   for c in categories:
     samples.extend(read_realiad_class(root, c, split, resolution=resolution, views=views,
-                                      jsons=jsons, check_sizes=check_sizes))
+                                      jsons=jsons, check_sizes=check_sizes, faults=faults))
   if verify:
     folder.verify_images(samples)
   return samples

@@ -8,7 +8,7 @@ r"""Writes calibration.json (decision thresholds) beside a checkpoint.
 The definitions (strict "score > threshold", the exact quantile, the F1 candidates) are in
 `deploy/calibration.py`. `python -m inpformer_jax.deploy.predict --threshold auto` (the
 default) then reads the file. Exit status 2 when some images could not be read (they are
-skipped).
+skipped), or for a user mistake: one `error: ...` line (`--verbose` adds the traceback).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from inpformer_jax import anomaly_map
 from inpformer_jax.data import readers
 from inpformer_jax.deploy import calibration
 from inpformer_jax.deploy import flags
-from inpformer_jax.deploy.inferencer import Inferencer, expand_inputs
+from inpformer_jax.deploy.inferencer import Inferencer, expand_inputs, no_images_message
 from inpformer_jax.loading import Loaded
 
 
@@ -43,11 +43,11 @@ def calibrate(loaded: Loaded, *, normal: str | None = None, val: str | None = No
               ) -> tuple[dict, list]:
   """Runs the model on the calibration images and writes calibration.json. -> (cal, failed)."""
   if (normal is None) == (val is None):
-    raise ValueError("pass exactly one of --normal DIR and --val DIR")
+    raise flags.FlagError("pass exactly one of --normal DIR and --val DIR")
   if normal is not None:
     files, unmatched = expand_inputs([normal])
     if unmatched or not files:
-      raise ValueError(f"--normal {normal}: no images found")
+      raise flags.FlagError(no_images_message([normal], "--normal"))
     samples = None
   else:
     samples = _val_samples(val)
@@ -58,7 +58,9 @@ def calibrate(loaded: Loaded, *, normal: str | None = None, val: str | None = No
   ok = [r for r in results if r.error is None]
   failed = [(r.path, r.error) for r in results if r.error is not None]
   if not ok:
-    raise ValueError("none of the calibration images could be read")
+    first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
+    raise calibration.CalibrationError(
+        f"none of the {len(results)} calibration images could be read{first}")
   scores = np.array([r.score for r in ok], np.float32)
   maps = np.stack([r.anomaly_map for r in ok])
   if samples is None:

@@ -27,7 +27,12 @@ import math
 
 import numpy as np
 
+from inpformer_jax import errors
 from inpformer_jax.metrics import F1_EPS
+
+
+class CalibrationError(errors.UserError, ValueError):
+  """Calibration images or a target rate that give no threshold; says what to change."""
 
 
 def fpr_threshold(normal_scores, fpr: float) -> dict:
@@ -35,9 +40,10 @@ def fpr_threshold(normal_scores, fpr: float) -> dict:
   s = np.sort(np.asarray(normal_scores, np.float64).ravel())
   n = s.size
   if n == 0:
-    raise ValueError("no normal scores to calibrate on")
+    raise CalibrationError("no normal scores to calibrate on")
   if not 0 <= fpr < 1:
-    raise ValueError(f"fpr={fpr}: choose a target false-positive rate in [0, 1)")
+    raise CalibrationError(f"fpr={fpr}: choose a target false-positive rate in [0, 1) "
+                           "(--fpr / --pixel-fpr)")
   # floor with a little slack so that e.g. 0.01 * 300 = 3.0000000000000004 -> 3.
   k = min(int(math.floor(fpr * n + 1e-9)), n - 1)
   t = s[n - k - 1]
@@ -49,8 +55,9 @@ def f1_threshold(scores, labels) -> dict:
   scores = np.asarray(scores, np.float32).ravel()
   labels = np.asarray(labels).ravel().astype(bool)
   if labels.all() or not labels.any():
-    raise ValueError("F1 calibration needs both normal and anomalous samples "
-                     f"(got {labels.sum()} anomalous of {labels.size})")
+    raise CalibrationError("F1 calibration (--val) needs both normal and anomalous samples "
+                           f"(got {labels.sum()} anomalous of {labels.size}): use a --val "
+                           "folder with test/good and defect folders, or --normal")
   order = np.argsort(-scores, kind="stable")
   s, y = scores[order], labels[order]
   # Candidate thresholds: distinct scores, descending; counts at >= each.

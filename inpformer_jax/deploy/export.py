@@ -40,10 +40,17 @@ EXPORT_FILE = "model.jaxexport"
 PARAMS_FILE = "params.npz"
 CONTRACT_FILE = "contract.json"
 OUTPUT_NAMES = ("anomaly_map", "score")
+# What jax.export lowers for; it accepts any other name silently (and the module never runs).
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def export_model(loaded: Loaded, *, platforms=("cpu", "cuda")):
   """-> jax.export.Exported of `anomaly_map.maps_and_scores` with a symbolic batch 'b'."""
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown or not platforms:
+    what = f"unknown {', '.join(unknown)}" if unknown else "no platform given"
+    raise flags.FlagError(f"--platforms {','.join(platforms)}: {what}; choose from "
+                          f"{','.join(PLATFORMS)}")
   s = loaded.preprocessing.crop
   fn = anomaly_map.jit_maps_and_scores(loaded.model, **loaded.scoring)
   (b,) = jax.export.symbolic_shape("b")
@@ -119,7 +126,7 @@ def load_exported(directory):
 
 def _main(a) -> int:
   loaded = flags.load(a)
-  exp = export_model(loaded, platforms=a.platforms.split(","))
+  exp = export_model(loaded, platforms=[p for p in a.platforms.split(",") if p])
   c = save(a.output, exp, loaded.params, loaded.describe(), loaded.calibration)
   print(f"exported for {c['platforms']} -> {a.output} ({c['files'][EXPORT_FILE] / 1e6:.2f} MB "
         f"program, {c['files'][PARAMS_FILE] / 1e6:.1f} MB params"

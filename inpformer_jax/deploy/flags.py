@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable
 
+from inpformer_jax import cli
+from inpformer_jax import errors
 from inpformer_jax import loading
-from inpformer_jax.checkpoint import CheckpointError
-from inpformer_jax.conversion import ConversionError
 
-# A user mistake in one of these is reported in one line, exit status 1.
-USER_ERRORS = (CheckpointError, ConversionError, ValueError, FileNotFoundError)
+
+class FlagError(errors.UserError, ValueError):
+  """A serving flag whose value cannot work; the message names the flag and the fix."""
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -40,10 +40,5 @@ def load(args: argparse.Namespace) -> loading.Loaded:
 
 def run(main: Callable[[argparse.Namespace], int], ap: argparse.ArgumentParser,
         argv=None) -> int:
-  """Parses argv and runs main(args); a user mistake is one line on stderr, exit status 1."""
-  args = ap.parse_args(argv)
-  try:
-    return main(args)
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  """Parses argv and returns main(args); a user mistake is one `error:` line, exit status 2."""
+  return cli.run(main, ap, argv)

@@ -25,6 +25,7 @@ import tqdm
 
 from inpformer_jax import anomaly_map
 from inpformer_jax.data import preprocess
+from inpformer_jax.deploy import flags
 from inpformer_jax.loading import Loaded
 
 _READ_ERRORS = (preprocess.ImageReadError, OSError, ValueError)
@@ -46,7 +47,7 @@ class Inferencer:
 
   def __init__(self, loaded: Loaded, *, batch_size: int = 8):
     if batch_size <= 0:
-      raise ValueError(f"--batch-size {batch_size}: must be positive")
+      raise flags.FlagError(f"--batch-size {batch_size}: must be positive")
     self.loaded, self.batch_size = loaded, batch_size
     self.params = jax.device_put(loaded.params)
     self._fn = anomaly_map.jit_maps_and_scores(loaded.model, **loaded.scoring)
@@ -126,6 +127,13 @@ def expand_inputs(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
       unmatched.append(pat)
     files.extend(found)
   return list(dict.fromkeys(os.path.abspath(f) for f in files)), unmatched
+
+
+def no_images_message(patterns: Sequence[str], flag: str) -> str:
+  """Why `patterns` (given as `flag`) hold nothing to score, one reason each."""
+  exts = ", ".join(preprocess.IMAGE_EXTENSIONS)
+  return "; ".join(f"{flag} {p} holds no images (extensions read: {exts})" if os.path.isdir(p)
+                   else f"{flag} {p}: no such file, folder or matching glob" for p in patterns)
 
 
 def _images_under(folder: str) -> list[str]:

@@ -16,7 +16,9 @@ The decision is "anomalous" when score > threshold; the threshold is --threshold
 (`python -m inpformer_jax.deploy.calibrate`); without one no decision is written.
 
 Exit status: 0 all images processed; 2 some inputs could not be read (each is named on stderr
-and in predictions.jsonl with an "error"; the others are processed); 1 a usage error.
+and in predictions.jsonl with an "error"; the others are processed), or a user mistake that
+stops the run: one `error: ...` line (a flag, the checkpoint, inputs without any image;
+`--verbose` adds the traceback).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from PIL import Image
 from inpformer_jax.data import preprocess
 from inpformer_jax.deploy import calibration as calib_lib
 from inpformer_jax.deploy import flags
-from inpformer_jax.deploy.inferencer import Inferencer, expand_inputs, relative_names
+from inpformer_jax.deploy.inferencer import (Inferencer, expand_inputs, no_images_message,
+                                             relative_names)
 from inpformer_jax.loading import Loaded, warn
 
 MAP_FORMATS = ("npy", "png16")
@@ -93,8 +96,10 @@ def predict(loaded: Loaded, inputs: Sequence[str], output: str, *, batch_size: i
   """Scores `inputs` and writes OUTPUT; -> {"rows", "failed": [(path, error)], "info",
   "threshold", "compilations"}."""
   if map_format not in MAP_FORMATS:
-    raise ValueError(f"--map-format {map_format!r}: one of {MAP_FORMATS}")
+    raise flags.FlagError(f"--map-format {map_format!r}: one of {MAP_FORMATS}")
   files, unmatched = expand_inputs(inputs)
+  if not files:
+    raise flags.FlagError(no_images_message(unmatched, "--input"))
   failed = [(u, unmatched_reason(u)) for u in unmatched]
   thr = _resolve_threshold(threshold, loaded)
   out = Path(output)
@@ -151,7 +156,7 @@ def _resolve_threshold(threshold, loaded: Loaded) -> float | None:
   try:
     return float(threshold)
   except ValueError as e:
-    raise ValueError(f"--threshold {threshold!r}: 'auto', 'none' or a number") from e
+    raise flags.FlagError(f"--threshold {threshold!r}: 'auto', 'none' or a number") from e
 
 
 def _write_tables(out: Path, rows, failed, info, thr) -> None:

@@ -198,9 +198,9 @@ def test_cli_round_trip_reproduces_torch_blocks(images, tmp_path):
   assert meta["source_file"] == str(src)
   _assert_close(_torch_layers(m, images), _flax_layers(meta["arch"], params, images))
   # Refuses to overwrite, and reports conversion errors without a traceback.
-  assert convert_dinov2.main(["--input", str(src), "--output", str(out)]) == 1
+  assert convert_dinov2.main(["--input", str(src), "--output", str(out)]) == 2
   bad = tmp_path / "bad.pth"
   sd = m.state_dict()
   del sd["blocks.0.norm1.weight"]
   torch.save(sd, bad)
-  assert convert_dinov2.main(["--input", str(bad), "--output", str(tmp_path / "o2")]) == 1
+  assert convert_dinov2.main(["--input", str(bad), "--output", str(tmp_path / "o2")]) == 2

@@ -36,7 +36,7 @@ def test_official_pth_roundtrip(golden, golden_state_dict, tmp_path):
   out_dir = tmp_path / "converted"
   assert convert_inpformer.main(["--input", str(pth), "--output", str(out_dir)]) == 0
   # refuses to overwrite
-  assert convert_inpformer.main(["--input", str(pth), "--output", str(out_dir)]) == 1
+  assert convert_inpformer.main(["--input", str(pth), "--output", str(out_dir)]) == 2
   _, meta = checkpoint.load_params(out_dir)
   assert meta["kind"] == inpformer_conversion.META_KIND
   for source in (pth, out_dir):
@@ -68,7 +68,7 @@ def test_strict_conversion_errors(golden_state_dict):
 
 
 def test_cli_errors_are_one_message(golden_state_dict, tmp_path, capsys):
-  """Exit status 1 and an 'error: ...' message naming the problem, no traceback: a state
+  """Exit status 2 and an 'error: ...' message naming the problem, no traceback: a state
   dict that does not convert, a missing input."""
   torch = pytest.importorskip("torch")
   bad = tmp_path / "bad.pth"
@@ -77,7 +77,7 @@ def test_cli_errors_are_one_message(golden_state_dict, tmp_path, capsys):
   for src, named in ((bad, "missing keys (1): ['decoder.0.norm1.weight']"),
                      (tmp_path / "nope.pth", f"{tmp_path / 'nope.pth'} does not exist")):
     capsys.readouterr()
-    assert convert_inpformer.main(["--input", str(src), "--output", str(tmp_path / "out")]) == 1
+    assert convert_inpformer.main(["--input", str(src), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err, err
     assert named in err, err

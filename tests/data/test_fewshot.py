@@ -136,7 +136,7 @@ def test_select_shots_deterministic_per_class():
 
 
 def test_select_shots_errors():
-  with pytest.raises(ValueError, match="fewer than shots=4"):
+  with pytest.raises(ValueError, match="fewer than config.few_shot.shots=4"):
     fewshot.select_shots(_samples(3), 4, seed=0)
   bad = _samples(5) + [Sample("/d/a/test/x/0.png", "/m.png", 1, "mvtec", "a", "x")]
   with pytest.raises(ValueError, match="must be normal"):

@@ -81,8 +81,9 @@ def test_every_reader_has_a_builder_and_a_manifest(roots, tfds_dir, tmp_path):
   for name in readers.READERS:
     assert tfds_builders.builder_class(name).READER == name
   # An own MVTec-layout folder through the generic builder.
-  path = prepare.main(["--dataset", "folder", "--manual_dir", roots["mvtec"], "--data_dir",
-                       str(tmp_path), "--resize", str(RESIZE), "--categories", "zipper"])
+  path = prepare.prepare(prepare.parser().parse_args(
+      ["--dataset", "folder", "--manual_dir", roots["mvtec"], "--data_dir", str(tmp_path),
+       "--resize", str(RESIZE), "--categories", "zipper"]))
   manifest = json.loads(open(f"{path}/{prepared.MANIFEST}").read())
   assert manifest["reader"] == "folder" and manifest["categories"] == ["zipper"]
   assert manifest["num_records"] == {"train": 4, "test": 4} and manifest["subset"]

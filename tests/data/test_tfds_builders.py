@@ -119,18 +119,19 @@ def test_concat_sources_for_super_multi_class(prepared):
       "realiad"}
 
 
-def test_user_errors_name_the_fix(prepared, tmp_path):
+def test_user_errors_name_the_fix(prepared, tmp_path, capsys):
   _, _, data_dir = prepared
   with pytest.raises(FileNotFoundError, match="python -m inpformer_jax.data.prepare"):
     tfds_builders.source(data_dir, "visa", "train", resize=RESIZE)
   with pytest.raises(ValueError, match="unknown dataset"):
     tfds_builders.builder_class("imagenet")
-  with pytest.raises(SystemExit, match="real_iad only"):
-    prepare.main(["--dataset", "mvtec", "--manual_dir", str(tmp_path), "--data_dir",
-                  str(tmp_path), "--resolution", "256"])
-  with pytest.raises(FileNotFoundError, match="manual_dir"):
-    prepare.main(["--dataset", "visa", "--manual_dir", str(tmp_path / "nope"), "--data_dir",
-                  str(tmp_path)])
+  for extra, named in ((["--dataset", "mvtec", "--manual_dir", str(tmp_path), "--resolution",
+                         "256"], "--resolution applies to --dataset real_iad only"),
+                       (["--dataset", "visa", "--manual_dir", str(tmp_path / "nope")],
+                        f"--manual_dir {tmp_path / 'nope'} does not exist")):
+    assert prepare.main([*extra, "--data_dir", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()  # one line, no traceback
+    assert line.startswith("error: ") and named in line, line
   with pytest.raises(ValueError, match="has no split"):
     sources.ArrayRecordSource(tfds_builders.builder_dir(data_dir, "mvtec", RESIZE, CLASSES),
                                "validation")

@@ -103,13 +103,14 @@ def test_dotted_file_names_keep_their_own_maps(tiny, demo_data, tmp_path):
   assert rows["x.png"]["map_max"] != rows["x.jpg"]["map_max"]
 
 
-def test_folder_without_images_is_reported_as_such(tiny, tmp_path, capsys):
+def test_folder_without_images_is_reported_as_such(tiny, demo_data, tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "notes.txt").write_text("not an image")  # present, but not an image extension
   missing = tmp_path / "missing"
   out = str(tmp_path / "pred")
-  assert _main(tiny, [str(empty), str(missing)], out) == 2
+  good = os.path.join(demo_data, "test", "good", "000.png")  # the run goes on without those two
+  assert _main(tiny, [good, str(empty), str(missing)], out) == 2
   err = capsys.readouterr().err
   (line,) = [x for x in err.splitlines() if str(empty) in x]
   assert "a folder without images" in line and "no such file" not in line
@@ -120,12 +121,12 @@ def test_folder_without_images_is_reported_as_such(tiny, tmp_path, capsys):
   assert rows[str(missing)].startswith("no such file")
 
 
-def test_usage_errors_exit_1_with_one_line(tiny, demo_data, tmp_path, capsys):
+def test_usage_errors_exit_2_with_one_line(tiny, demo_data, tmp_path, capsys):
   f = os.path.join(demo_data, "test", "good", "000.png")
   out = str(tmp_path / "pred")
-  assert _main(str(tmp_path / "no_such_model"), [f], out) == 1
+  assert _main(str(tmp_path / "no_such_model"), [f], out) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "does not exist" in err and len(err.splitlines()) == 1
-  assert _main(tiny, [f], out, "--threshold", "high") == 1
+  assert _main(tiny, [f], out, "--threshold", "high") == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: --threshold 'high'") and len(err.splitlines()) == 1

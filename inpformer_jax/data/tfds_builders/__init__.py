@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from inpformer_jax import errors
 from inpformer_jax.data import prepared
 from inpformer_jax.data import sources
 from inpformer_jax.data.tfds_builders.common import (AnomalyBuilder, config_name, make_config,
@@ -19,6 +20,7 @@ from inpformer_jax.data.tfds_builders.folder_layouts import Btad, Demo, Folder, 
 from inpformer_jax.data.tfds_builders.mvtec_ad import MvtecAd
 from inpformer_jax.data.tfds_builders.real_iad import RealIad
 from inpformer_jax.data.tfds_builders.visa import Visa
+from inpformer_jax.settings import ConfigError
 
 # Builder name (prepared.BUILDER_NAMES: TFDS's snake_case of the class name) -> builder.
 BUILDERS = {cls.name: cls for cls in (MvtecAd, Visa, RealIad, Demo, Folder, Mpdd, Btad)}
@@ -31,7 +33,7 @@ def builder_class(name: str) -> type[AnomalyBuilder]:
   try:
     return BUILDERS[prepared.builder_name(name)]
   except ValueError:
-    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)} or a "
+    raise ConfigError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)} or a "
                      "reader name (mvtec, realiad)") from None
 
 
@@ -43,7 +45,7 @@ def builder_dir(data_dir: str, name: str, resize: int = 448,
   config = config_name(resize, tuple(categories or ()), encoding, **reader_kwargs)
   path = os.path.join(data_dir, cls.name, config, str(cls.VERSION))
   if not os.path.isfile(os.path.join(path, "dataset_info.json")):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"no prepared {cls.name} data at {path}; run python -m inpformer_jax.data.prepare "
         f"--dataset {cls.name} --manual_dir <dataset root> --data_dir {data_dir} "
         f"--resize {resize}" + ("" if encoding == "png" else f" --encoding {encoding}"))

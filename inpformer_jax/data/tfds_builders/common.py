@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 from PIL import Image
 
+from inpformer_jax import errors
 from inpformer_jax.data import prepared
 from inpformer_jax.data import preprocess
 from inpformer_jax.data import readers
@@ -163,8 +164,8 @@ def prepare(builder_cls, *, manual_dir: str, data_dir: str, resize: int = 448,
   calls the builder made, so a build without one is incomplete and never used for training.
   """
   if not os.path.isdir(manual_dir):
-    raise FileNotFoundError(f"manual_dir {manual_dir} does not exist: point it at the "
-                            f"extracted {builder_cls.READER} dataset root")
+    raise errors.MissingFileError(f"--manual_dir {manual_dir} does not exist: point it at the "
+                                  f"extracted {builder_cls.READER} dataset root")
   config = make_config(resize, categories, encoding, **reader_kwargs)
   builder = builder_cls(data_dir=data_dir, config=config, file_format="array_record")
   builder.download_and_prepare(
