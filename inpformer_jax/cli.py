@@ -12,6 +12,14 @@ keys) keeps them, indented under the `error:` line.
 `--verbose`, on every command line (argparse and absl alike), prints the traceback of a user
 mistake too, above the `error:` line.
 
+The config (`define_config`) takes new keys of one kind only, a dataset NAME's:
+`--config.data.roots.NAME=PATH` (which makes NAME a dataset), `data.categories.NAME`,
+`data.layouts.NAME`, `data.masks.NAME` (these three for a NAME with a root). Their values are
+the text after `=` (masks: True/False), never a Python literal. New roots not named by
+`--config.data.train` / `--config.data.test` on the command line become the run's train and
+test datasets (test only, zero-shot: train names the source model's data); a new root used by
+neither is an error. Any other new key is the `no such field` error; then the config is locked.
+
   argparse commands (deploy.predict / calibrate / export, data.prepare, data.demo,
   weights_conversion/*):  return cli.run(main, parser, argv)   # main(args) -> exit status
   inpformer_jax.main:     cli.run_absl(main, config=_CONFIG, verbose=_VERBOSE)
@@ -31,6 +39,7 @@ from typing import Any, Callable, Sequence
 from absl import app
 from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 from inpformer_jax import errors
 
@@ -38,6 +47,11 @@ VERBOSE_FLAG = "verbose"
 VERBOSE_HELP = "on a user mistake, print the traceback too (for a bug report)"
 # Files listed when --config names a missing one: enough to spot the intended name.
 _MAX_LISTED = 12
+# The groups a command line may add a key to: one entry per dataset NAME.
+DATASET_GROUPS = ("data.roots", "data.categories", "data.layouts", "data.masks")
+_ROOTS = "data.roots"
+_BOOL_GROUPS = ("data.masks",)
+_DATASET_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def report(error: BaseException, verbose: bool = False) -> int:
@@ -74,6 +88,13 @@ def run_absl(main: Callable[[list[str]], Any], *, config: flags.FlagHolder,
           flags_parser=lambda argv: parse_absl_flags(argv, config.name))
 
 
+def define_config(name: str, help_text: str, **kwargs) -> flags.FlagHolder:
+  """The --NAME config-file flag, open to new dataset keys (`parse_absl_flags` checks them
+  and locks the config); kwargs go to config_flags.DEFINE_config_file."""
+  return config_flags.DEFINE_config_file(name, None, help_text, lock_config=False,
+                                         accept_new_attributes=True, **kwargs)
+
+
 def parse_absl_flags(argv: Sequence[str], config_flag: str = "config",
                      flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """flag_values(argv) -> the remaining arguments; a flag mistake is one line and exit 2.
@@ -93,7 +114,7 @@ def _parse(argv: list[str], name: str, flag_values: flags.FlagValues) -> list[st
   if config_arg is not None:
     _check_config_file(config_arg.split(":", 1)[0], name)
   try:
-    return flag_values(argv)
+    rest = flag_values(argv)
   except flags.Error as e:
     message = _flag_message(e, name, config_arg, flag_values)
     if message is None:
@@ -106,6 +127,88 @@ def _parse(argv: list[str], name: str, flag_values: flags.FlagValues) -> list[st
     if message is None:
       raise
     raise errors.UserError(message) from e
+  config = flag_values[name].value if name in flag_values else None
+  if isinstance(config, ml_collections.ConfigDict) and config_arg is not None:
+    _take_new_keys(config, argv, name, config_arg, flag_values)
+    config.lock()
+  return rest
+
+
+def _take_new_keys(config: ml_collections.ConfigDict, argv: Sequence[str], name: str,
+                   config_arg: str, flag_values: flags.FlagValues) -> None:
+  """Checks the keys the command line added to `config` (see the module doc) and sets their
+  values from argv's text."""
+  pristine = flag_values[name].parser.parse(config_arg)
+  file = config_arg.split(":", 1)[0]
+  given = _given(argv, name)
+  new_roots = []
+  for path in _added(config, pristine):
+    group, _, dataset = path.rpartition(".")
+    if group not in DATASET_GROUPS:
+      raise errors.UserError(f"--{name}.{path}: {_missing(pristine, path, name, file)}")
+    if not _DATASET_NAME.fullmatch(dataset):
+      raise errors.UserError(f"--{name}.{path}: a dataset name is letters, digits, _ and -")
+    node = config
+    for part in group.split("."):
+      node = node[part]
+    value = _new_value(path, given.get(path), name, group in _BOOL_GROUPS)
+    del node[dataset]  # ml_collections typed it by its literal reading of the text
+    node[dataset] = value
+    if group == _ROOTS:
+      new_roots.append(dataset)
+    elif dataset not in config.data.roots:
+      raise errors.UserError(f"--{name}.{path}: no dataset {dataset!r}; give its root too "
+                             f"(--{name}.data.roots.{dataset}=PATH)")
+  if not new_roots:
+    return
+  for which in ("train", "test"):
+    if f"data.{which}" not in given and not (which == "train"
+                                             and config.get("setting") == "zero_shot"):
+      config.data[which] = ",".join(new_roots)
+  used = {n.strip() for w in ("train", "test") for n in config.data[w].split(",")}
+  for dataset in new_roots:
+    if dataset not in used:
+      close = difflib.get_close_matches(dataset, list(pristine.data.roots), n=1)
+      hint = f"did you mean --{name}.data.roots.{close[0]}? or " if close else ""
+      raise errors.UserError(
+          f"--{name}.data.roots.{dataset}: dataset {dataset!r} is in neither {name}.data.train "
+          f"({config.data.train}) nor {name}.data.test ({config.data.test}); {hint}add it "
+          f"there (--{name}.data.test={dataset})")
+
+
+def _added(config: ml_collections.ConfigDict, pristine: ml_collections.ConfigDict,
+           prefix: str = "") -> list[str]:
+  """Dotted paths of the keys of `config` that `pristine` lacks."""
+  out = []
+  for key in config:
+    if key not in pristine:
+      out.append(prefix + key)
+    elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(
+        pristine[key], ml_collections.ConfigDict):
+      out += _added(config[key], pristine[key], f"{prefix}{key}.")
+  return out
+
+
+def _given(argv: Sequence[str], name: str) -> dict[str, str | None]:
+  """--NAME.PATH[=TEXT] of argv -> {PATH: TEXT} (the last one; None: no `=`, 'false': --noNAME)."""
+  out = {}
+  for arg in argv[1:]:
+    m = re.fullmatch(rf"--?(no)?{re.escape(name)}\.([^=]+)(?:=(.*))?", arg, re.DOTALL)
+    if m:
+      out[m.group(2)] = "false" if m.group(1) else m.group(3)
+  return out
+
+
+def _new_value(path: str, text: str | None, name: str, boolean: bool) -> str | bool:
+  if boolean:
+    text = "true" if text is None else text.strip().lower()
+    if text not in ("true", "false", "1", "0"):
+      raise errors.UserError(f"--{name}.{path}={text}: takes True or False")
+    return text in ("true", "1")
+  if text is None:
+    raise errors.UserError(f"--{name}.{path} needs its value after '=': --{name}.{path}=VALUE "
+                           "(a new key takes no separate value)")
+  return text
 
 
 def _config_arg(argv: Sequence[str], name: str) -> str | None:

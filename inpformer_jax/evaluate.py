@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 from inpformer_jax import anomaly_map
 from inpformer_jax import metrics as metrics_lib
 from inpformer_jax import reports
+from inpformer_jax import settings
 from inpformer_jax import sharding
 from inpformer_jax.data import pipeline
 from inpformer_jax.data.records import Sample
@@ -50,7 +51,7 @@ from inpformer_jax.data.records import Sample
 def make_forward(model, config, mesh):
   """The jitted forward of `config.eval`, its outputs split over the mesh's batch axes."""
   return anomaly_map.jit_maps_and_scores(
-      model, image_size=config.data.crop, map_kind=config.eval.map,
+      model, image_size=config.data.crop, map_kind=settings.map_kind(config),
       top_ratio=config.eval.top_ratio, out_sharding=sharding.batch_sharding(mesh))
 
 
@@ -104,7 +105,9 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
   results: dict[str, dict[str, dict]] = {}
   for (dataset, category), acc in accs.items():
     res = acc.result(reduce)
-    results.setdefault(dataset, {})[category] = {k: float(v) for k, v in res.items()}
+    # Metrics keep their info: reports read from it why pixel metrics are absent.
+    results.setdefault(dataset, {})[category] = metrics_lib.Metrics(
+        {k: float(v) for k, v in res.items()}, res.info)
   if not is_main:
     return {}
   if workdir is not None and ec.num_overlays:

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from inpformer_jax import checkpoint
 from inpformer_jax import params as params_lib
 from inpformer_jax import pretrained
+from inpformer_jax import settings
 from inpformer_jax.checkpoint import CheckpointError
 from inpformer_jax.conversion import inpformer as inpformer_conversion
 from inpformer_jax.conversion import torch_files
@@ -129,7 +130,7 @@ def _load_workdir(p: Path, image_size, resize) -> Loaded:
       # The source model, scored with this run's map; calibrations of it live here.
       loaded = load(config.init_from, image_size=crop, resize=config.data.resize,
                     flag="config.init_from")
-      loaded.map_kind = config.eval.map
+      loaded.map_kind = settings.map_kind(config)
       loaded.source = dict(
           loaded.source, kind="workdir", path=str(p), step=None,
           checkpoint_id=_short_hash(f"{p}|zero_shot|{loaded.source['checkpoint_id']}"),
@@ -143,7 +144,7 @@ def _load_workdir(p: Path, image_size, resize) -> Loaded:
   encoder, _ = encoder_params(config, model, p)
   return Loaded(model, params_lib.merge(encoder, trainable),
                 preprocess.Preprocessing(resize or config.data.resize, crop),
-                config.eval.map, config.eval.top_ratio, None,
+                settings.map_kind(config), config.eval.top_ratio, None,
                 {"kind": "workdir", "path": str(p), "step": int(step),
                  "checkpoint_id": _short_hash(f"{p}|step={step}"),
                  "calibration_path": str(checkpoint.calibration_path(p))})

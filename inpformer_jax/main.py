@@ -5,6 +5,10 @@ r"""Command line: train and/or evaluate INP-Former from a config file.
   --config configs/FILE.py[:ARG]   e.g. configs/mvtec.py:setting=few_shot,shots=4
   --config.FIELD=VALUE             any field, e.g. --config.data.roots.mvtec=/data/mvtec
                                    (the config is locked: a misspelt field is an error)
+  --config.data.roots.NAME=PATH    your own dataset under the name NAME (layout detected, or
+                                   --config.data.layouts.NAME=mvtec|visa|realiad|mpdd|btad|
+                                   folder); it is the run's train and test data unless
+                                   --config.data.train / --config.data.test say otherwise
   --workdir DIR                    checkpoints, train_metrics.jsonl, results.{md,json,csv};
                                    a DIR that holds a checkpoint is resumed
   --mode train|eval|train_and_eval
@@ -20,7 +24,6 @@ import sys
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
 from inpformer_jax import cli
 from inpformer_jax import errors
@@ -33,8 +36,7 @@ from inpformer_jax import xla_flags
 # the command runs from elsewhere.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:ARG]).",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", "Config file (configs/*.py[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", list(settings.MODES), "What to run.")
 _VERBOSE = flags.DEFINE_bool(cli.VERBOSE_FLAG, False, cli.VERBOSE_HELP)

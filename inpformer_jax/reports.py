@@ -50,7 +50,8 @@ def write_reports(results: dict[str, dict[str, dict]], workdir: str | os.PathLik
   workdir.mkdir(parents=True, exist_ok=True)
   names = metrics_lib.METRIC_NAMES
   # Undefined metrics (e.g. pixel metrics of a class without masks) are null, not NaN.
-  report = _nan_to_none({"info": info, "metrics": list(names), "datasets": with_means(results)})
+  report = _nan_to_none({"info": info, "metrics": list(names), "notes": notes(results),
+                         "datasets": with_means(results)})
   _atomic_write(workdir / "results.json", json.dumps(report, indent=2, allow_nan=False))
   _atomic_write(workdir / "results.md", markdown_table(report))
   rows = [["dataset", "category", *names]]
@@ -70,6 +71,8 @@ def markdown_table(report: dict) -> str:
   info, names = report["info"], metrics_lib.METRIC_NAMES
   lines = [f"# Results ({info.get('setting', '')})", ""]
   lines.append(", ".join(f"{k}: {v}" for k, v in info.items()))
+  for note in report.get("notes", ()):
+    lines += ["", f"Note: {note}"]
   for dataset, d in report["datasets"].items():
     lines += ["", f"## {dataset}", "",
               "| Category | " + " | ".join(names) + " |",
@@ -79,6 +82,21 @@ def markdown_table(report: dict) -> str:
     lines.append("| **Mean** | " + " | ".join(f"**{_pct(d['mean'].get(n))}**"
                                               for n in names) + " |")
   return "\n".join(lines) + "\n"
+
+
+def notes(results: dict[str, dict[str, dict]]) -> list[str]:
+  """Why metrics are absent: one line per dataset with classes evaluated without masks (the
+  per-class `metrics.Metrics.info` of `evaluate`)."""
+  out = []
+  for dataset, per_class in results.items():
+    bare = [c for c, m in per_class.items()
+            if getattr(m, "info", {}).get("pixel_metrics") is False]
+    if bare:
+      which = "all classes" if len(bare) == len(per_class) else "classes " + ", ".join(bare)
+      out.append(f"pixel metrics: no masks for {dataset} ({which}): its test set has no "
+                 f"ground_truth/ (config.data.masks.{dataset}=False), so only image metrics "
+                 "are reported and the pixel ones are null")
+  return out
 
 
 def _missing(x) -> bool:

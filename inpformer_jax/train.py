@@ -140,7 +140,7 @@ class Recipe:
 
   def forward(self, config):
     ec = config.eval
-    return self._memo(("eval", config.data.crop, ec.map, ec.top_ratio),
+    return self._memo(("eval", config.data.crop, settings.map_kind(config), ec.top_ratio),
                       lambda: eval_lib.make_forward(self.model, config, self.mesh))
 
   def init_state(self, trainable, seed: int):
@@ -250,7 +250,7 @@ def _run(config, workdir, mode, recipes, splits=None):
     total_steps = config.train.total_steps or config.train.epochs * spe
   r = recipes.get(config, total_steps)
   info = {"setting": config.setting, "protocol": config.eval.protocol,
-          "gt_threshold": config.eval.gt_threshold, "map": config.eval.map,
+          "gt_threshold": config.eval.gt_threshold, "map": settings.map_kind(config),
           "encoder": config.model.encoder, "encoder_weights": r.encoder_weights,
           "image_size": f"{config.data.resize}->{config.data.crop}"}
   if config.init_from:

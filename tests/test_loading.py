@@ -16,6 +16,7 @@ from inpformer_jax import checkpoint
 from inpformer_jax import loading
 from inpformer_jax import metrics
 from inpformer_jax import params as params_lib
+from inpformer_jax import settings
 from inpformer_jax import train
 from inpformer_jax.checkpoint import CheckpointError
 from inpformer_jax.data import preprocess, readers
@@ -173,7 +174,8 @@ def test_a_trained_workdir_scores_as_the_trainer_evaluated(tmp_path, fast_compil
   full = params_lib.merge(encoder, state["params"])
   images = np.stack([preprocess.load_image(s.image_path, resize, crop) for s in samples])
   want = jax.jit(lambda p, x: anomaly_map.maps_and_scores(
-      model, p, x, image_size=crop, map_kind=config.eval.map, top_ratio=config.eval.top_ratio))(
+      model, p, x, image_size=crop, map_kind=settings.map_kind(config),
+      top_ratio=config.eval.top_ratio))(
           full, images)
   np.testing.assert_allclose(scores, want["score"], rtol=1e-5)
   np.testing.assert_allclose(maps, want["anomaly_map"], rtol=1e-5, atol=1e-6)
@@ -202,7 +204,9 @@ def test_zero_shot_workdir_loads_its_source_with_the_inp_distance_map(tiny, tmp_
   (wd / checkpoint.CKPT_SUBDIR).mkdir(parents=True)
   (wd / "config.json").write_text(config.to_json_best_effort())
   loaded = loading.load(wd)
-  assert loaded.map_kind == "inp_distance" == config.eval.map
+  # config.json holds eval.map null (by setting): it resolves as the run did.
+  assert loaded.map_kind == "inp_distance" == settings.map_kind(config)
+  assert config.eval.map is None and '"map": null' in (wd / "config.json").read_text()
   assert loaded.scoring == {"image_size": config.data.crop, "map_kind": "inp_distance",
                             "top_ratio": config.eval.top_ratio}
   assert loaded.preprocessing == preprocess.Preprocessing(config.data.resize, config.data.crop)

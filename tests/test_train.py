@@ -10,6 +10,7 @@ subprocesses).
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,7 @@ from tests.conftest import REPO
 from tests.conftest import subprocess_env
 from tests.runlocal import (CLASSES, ROW_KEYS, assert_same_rows, cli_flags,  # noqa: F401
                             fast_compile_module, final_params, local_config, make_all,
-                            max_abs_diff)
+                            make_mvtec_like, max_abs_diff)
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,14 @@ def recipes():
 
 @pytest.fixture(scope="module")
 def multi_class_run(data, recipes, tmp_path_factory):
-  """Two steps of the multi-class runlocal config, evaluated."""
+  """Two steps of the multi-class runlocal config, evaluated on MVTec and on 'mine': a user's
+  folder of one class without masks (config.data.roots.mine, config.data.masks.mine=False)."""
   workdir = tmp_path_factory.mktemp("multi_class")
-  report = train.train_and_evaluate(local_config(mvtec.get_config, "", data), str(workdir),
-                                    recipes=recipes)
+  mine = make_mvtec_like(tmp_path_factory.mktemp("mine"), seed=3, classes=("bottle",))
+  shutil.rmtree(os.path.join(mine, "bottle", "ground_truth"))
+  config = local_config(mvtec.get_config, "", data, **{
+      "data.roots.mine": mine, "data.masks.mine": False, "data.test": "mvtec,mine"})
+  report = train.train_and_evaluate(config, str(workdir), recipes=recipes)
   return workdir, report
 
 
@@ -80,7 +85,22 @@ def test_multi_class_two_steps_writes_reports(multi_class_run):
   assert "| **Mean** |" in md and "| bottle |" in md and "I-AUROC" in md
   with open(workdir / "results.csv") as f:
     table = list(csv.DictReader(f))
-  assert [r["category"] for r in table] == ["bottle", "cable", "Mean"]
+  assert [(r["dataset"], r["category"]) for r in table] == [
+      ("mvtec", "bottle"), ("mvtec", "cable"), ("mvtec", "Mean"), ("mine", "bottle"),
+      ("mine", "Mean")]
+  # 'mine' (no masks): headed by its name, image metrics, pixel metrics absent and why.
+  mine = on_disk["datasets"]["mine"]
+  assert list(mine["classes"]) == ["bottle"]
+  for m in (mine["classes"]["bottle"], mine["mean"]):
+    assert all(0.0 <= m[n] <= 1.0 for n in metrics.IMAGE_METRICS)
+    assert all(m[n] is None for n in metrics.PIXEL_METRICS)
+  assert all(table[3][n] == "" for n in metrics.PIXEL_METRICS) and table[3]["I-AUROC"]
+  assert on_disk["notes"] == [
+      "pixel metrics: no masks for mine (all classes): its test set has no ground_truth/ "
+      "(config.data.masks.mine=False), so only image metrics are reported and the pixel ones "
+      "are null"]
+  assert f"Note: {on_disk['notes'][0]}" in md and "## mine" in md
+  assert re.search(r"\| bottle( \| [\d.]+){3}( \| -){4} \|", md.split("## mine")[1]), md
   assert float(table[0]["AUPRO"]) == pytest.approx(classes["bottle"]["AUPRO"], abs=1e-6)
   assert report["datasets"]["mvtec"]["mean"] == on_disk["datasets"]["mvtec"]["mean"]
   # the same rows as TensorBoard event files
@@ -125,8 +145,12 @@ def test_setting_trains_two_steps_and_evaluates(get_config, arg, data, recipes, 
 def test_zero_shot_scores_the_target_with_the_source_model(multi_class_run, data, recipes,
                                                            tmp_path):
   source, _ = multi_class_run
-  c = local_config(visa.get_config, "setting=zero_shot,source=mvtec", data,
-                   init_from=str(source))
+  # Given as fields (--config.setting=zero_shot --config.data.train=mvtec): the same config
+  # as configs/visa.py:setting=zero_shot,source=mvtec, and its map resolved by the setting.
+  c = local_config(visa.get_config, "", data, setting="zero_shot", init_from=str(source),
+                   **{"data.train": "mvtec"})
+  assert c.to_dict() == local_config(visa.get_config, "setting=zero_shot,source=mvtec", data,
+                                     init_from=str(source)).to_dict()
   report = train.train_and_evaluate(c, str(tmp_path), recipes=recipes)
   assert report["info"]["map"] == "inp_distance" and report["info"]["step"] == 2
   assert sorted(report["datasets"]["visa"]["classes"]) == list(CLASSES)

@@ -206,6 +206,18 @@ def convert(state_dict: Mapping, prefix: str = "", *, fmt: str | None = None,
   return mapping.convert(sd, t, model_shapes(arch), what=what, hint=hint), arch
 
 
+def source_pos_embed_preset(fmt: str, arch: Mapping) -> str:
+  """The `vit.POS_EMBED_PRESETS` name the source's own model interpolates with: a record
+  only. Nothing applies it, because INP-Former runs every encoder with 'inpformer' (its
+  official code does so with the hub reg4 files); `config.model.pos_embed_preset` chooses."""
+  regs = bool(arch["num_register_tokens"])
+  if fmt == "hf":
+    return "hf_dinov2_registers" if regs else "hf_dinov2"
+  if fmt == "timm":
+    return "timm"
+  return "dinov2_hub_reg" if regs else "inpformer"  # hub: reg models 0 + antialias, else 0.1
+
+
 def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                  prefix: str = "", fmt: str | None = None, num_heads: int | None = None) -> dict:
   """A DINOv2 checkpoint file -> a params directory (`checkpoint.save_params`); -> its meta."""
@@ -213,6 +225,7 @@ def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike, *
   fmt = fmt or detect_format(sd, prefix)
   params, arch = convert(sd, prefix, fmt=fmt, num_heads=num_heads)
   meta = {"kind": "dinov2", "arch": arch, "format": fmt, "prefix": prefix,
+          "source_pos_embed_preset": source_pos_embed_preset(fmt, arch),
           "source_file": os.path.abspath(os.fspath(input_path))}
   checkpoint.save_params(output_dir, params, meta)
   return meta

@@ -26,12 +26,15 @@ from inpformer_jax.data import fewshot
 from inpformer_jax.data import prepared
 from inpformer_jax.data import preprocess
 from inpformer_jax.data import readers
+from inpformer_jax.data import realiad
 from inpformer_jax.data import sources
 from inpformer_jax.data.records import Sample
 from inpformer_jax.settings import ConfigError
 
 
 SOURCES = ("files", "array_record")
+# config.data.layouts values: the readers a dataset NAME can be read with.
+LAYOUTS = ("mvtec", "visa", "realiad", "mpdd", "btad", "folder", "demo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +50,13 @@ class Split:
 
 
 def specs(data_config, which: str) -> list[dict]:
-  """config.data.train / .test ('mvtec,visa') -> [{"name", "root", "categories"}] checked.
+  """config.data.train / .test ('mvtec,visa') -> [{"name", "root", "categories", "layout",
+  and the reader's options}] checked; every key but name/root/categories goes to the reader.
 
+  layout: config.data.layouts.NAME, else NAME if it is a reader name, else detected from the
+  root (`readers.detect_layout`). Options: Real-IAD's config.data.realiad fields where they
+  differ from the reader's defaults (so that a default `prepare` build matches), and, reading
+  files, masks_required (config.data.masks.NAME, default True).
   With records (`data.source='array_record'`) the roots are not needed and not checked.
   """
   names = [n.strip() for n in getattr(data_config, which).split(",") if n.strip()]
@@ -66,9 +74,57 @@ def specs(data_config, which: str) -> list[dict]:
           f"Download the dataset and pass --config.data.roots.{name}=/path/to/it "
           f"(or set $INPFORMER_DATA)")
     cats = data_config.categories.get(name, "") or ""
+    layout = layout_of(data_config, name)
     out.append({"name": name, "root": root,
-                "categories": [c.strip() for c in cats.split(",") if c.strip()] or None})
+                "categories": [c.strip() for c in cats.split(",") if c.strip()] or None,
+                "layout": layout, **_reader_options(data_config, name, layout)})
   return out
+
+
+def layout_of(data_config, name: str) -> str:
+  """The reader name of dataset `name`: config.data.layouts.NAME, its own name, or detected."""
+  given = data_config.layouts.get(name, "")
+  if given:
+    if given not in LAYOUTS:
+      raise ConfigError(f"config.data.layouts.{name}={given!r}; choose one of "
+                        f"{', '.join(LAYOUTS)}")
+    return given
+  if name.lower() in readers.READERS or name.lower() in readers.ALIASES:
+    return readers.canonical_name(name)
+  root = data_config.roots[name]
+  found = readers.detect_layout(root) if root and os.path.isdir(root) else None
+  if found is None:
+    hint = (" (it holds split_csv/: the VisA download; make its 1cls layout with the "
+            "spot-diff prepare_data.py and point at that)"
+            if root and os.path.isdir(os.path.join(root, "split_csv")) else "")
+    raise ConfigError(
+        f"cannot tell the layout of dataset {name!r} (config.data.roots.{name}={root!r}){hint}: "
+        f"no <class>/train/ or <class>/test/ folders and no realiad_jsons/; pass "
+        f"--config.data.layouts.{name}=one of {'|'.join(LAYOUTS)}")
+  return found
+
+
+def _reader_options(data_config, name: str, layout: str) -> dict:
+  if layout != "realiad":
+    if data_config.source != "files":
+      return {}  # a prepared build's samples say which classes have masks
+    return {"masks_required": bool(data_config.masks.get(name, True))}
+  if data_config.masks.get(name, True) is False:
+    raise ConfigError(f"config.data.masks.{name}=False: a Real-IAD layout has a mask for "
+                      "every anomalous image; drop it")
+  ri = data_config.realiad
+  if str(ri.resolution) not in realiad.RESOLUTIONS:
+    raise ConfigError(f"config.data.realiad.resolution={ri.resolution!r}; choose one of "
+                      f"{', '.join(realiad.RESOLUTIONS)} (the realiad_<resolution>/ folders)")
+  views = tuple(v.strip().upper() for v in ri.views.split(",") if v.strip())
+  bad = [v for v in views if v not in realiad.VIEWS]
+  if bad:
+    raise ConfigError(f"config.data.realiad.views={ri.views!r}: {bad} are not camera views; "
+                      f"give some of {','.join(realiad.VIEWS)}, or '' for all")
+  defaults = {"resolution": realiad.DEFAULT_RESOLUTION, "views": (),
+              "jsons": realiad.DEFAULT_JSONS}
+  options = {"resolution": str(ri.resolution), "views": views, "jsons": ri.jsons}
+  return {k: v for k, v in options.items() if v != defaults[k]}
 
 
 def union(*sample_lists: Sequence[Sample]) -> list[Sample]:

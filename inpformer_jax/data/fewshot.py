@@ -1,4 +1,5 @@
-"""Few-shot support set: k normal images per class, each expanded 22x offline (SPEC §6.2).
+"""Few-shot support set: k normal images per (dataset, class) chosen as the official script
+chooses them (SPEC §6.3), each expanded 22x offline (SPEC §6.2).
 
 The official `utils.augmentation` (RegAD's `aug_funcs`) turns one normalised shot image into
 
@@ -21,9 +22,10 @@ rounding depends on the CPU's vector width (see `affine_grid`).
 from __future__ import annotations
 
 import math
+import operator
 import os
-import zlib
-from typing import Sequence
+import random
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,18 +47,33 @@ class ShotsError(errors.UserError, ValueError):
 
 
 def select_shots(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
-  """k samples per category, chosen by `seed`, categories in first-seen order.
+  """k normal images per (dataset, class), the ones the official few-shot script takes.
 
-  The choice for a class depends only on (seed, class name, the class's set of paths), not
-  on the order of the list or on which other classes are present.
+  The official `INP_Former_Few_Shot.py` calls setup_seed(1) (Python's `random` seeded once per
+  run, one dataset per run) and then, class by class, `random.sample(train_samples, k)`
+  (SPEC §6.3). So here each dataset of `samples` gets its own `random.Random(seed)`, drawn from
+  class by class in the order the classes first appear in `samples`; a class with n images
+  takes `rng.sample(range(n), k)` over them in list order, shots in the order sample returns.
+  The readers list classes in the official order and each class's training images in the
+  official order (sorted paths of train/good as ImageFolder sorts; Real-IAD: the class JSON's
+  `train` order), so with seed 1 the shots are the official ones.
+
+  The choice for a class therefore depends on its dataset's earlier classes (their image
+  counts, k and their order), not on other datasets: a class name present in two datasets
+  (toothbrush in MVTec AD and Real-IAD) gets k shots in each.
   """
+  try:
+    k = operator.index(k)
+  except TypeError:
+    raise ShotsError(f"config.few_shot.shots={k!r}: must be an integer >= 1") from None
   if k <= 0:
     raise ShotsError(f"config.few_shot.shots={k}: must be >= 1")
-  by_class: dict[str, list[Sample]] = {}
+  by_class: dict[tuple[str, str], list[Sample]] = {}
   for s in samples:
-    by_class.setdefault(s.category, []).append(s)
+    by_class.setdefault((s.dataset, s.category), []).append(s)
+  streams: dict[str, random.Random] = {}
   out = []
-  for category, group in by_class.items():
+  for (dataset, category), group in by_class.items():
     if any(s.label != 0 for s in group):
       raise ValueError(f"few-shot images must be normal; class {category!r} has anomalous ones "
                        "(pass the train split)")
@@ -65,9 +82,8 @@ def select_shots(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
       raise ShotsError(f"class {category!r} has {len(group)} normal training images (in "
                        f"{folder}), fewer than config.few_shot.shots={k}: pass "
                        f"--config.few_shot.shots={len(group)} or add images")
-    group = sorted(group, key=lambda s: s.image_path)
-    rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
-    out.extend(group[i] for i in sorted(rng.choice(len(group), size=k, replace=False)))
+    rng = streams.setdefault(dataset, random.Random(seed))
+    out.extend(group[i] for i in rng.sample(range(len(group)), k))
   return out
 
 

@@ -193,8 +193,8 @@ def read_class(class_dir: str, split: str, *, dataset: str, category: str | None
   if defects and not gt_dirs:
     if masks_required:
       fault(faults, gt_root, f"{gt_root} is missing or empty: class {category!r} has defect "
-            f"folders {defects} but no masks. Add the masks, or read the folder with "
-            "masks_required=False to skip pixel metrics for this class", layout)
+            f"folders {defects} but no masks. Add the masks, or evaluate image metrics only: "
+            f"--config.data.masks.{dataset}=False (masks_required=False in Python)", layout)
     has_mask = False
 
   samples = []

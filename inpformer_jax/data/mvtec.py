@@ -18,9 +18,9 @@ MVTEC_CLASSES = (
 
 
 def read_mvtec(root: str, categories: Sequence[str] | None = None, split: str = "test", *,
-               check_sizes: bool = True, verify: bool = False,
-               faults: list[folder.Fault] | None = None) -> list[Sample]:
+               dataset: str = "mvtec", masks_required: bool = True, check_sizes: bool = True,
+               verify: bool = False, faults: list[folder.Fault] | None = None) -> list[Sample]:
   """Samples of MVTec AD; categories None: all 15 classes (in the paper's order)."""
-  return folder.read_layout(root, categories, split, dataset="mvtec", known_classes=MVTEC_CLASSES,
-                            good="good", mask_suffix="_mask", masks_required=True,
+  return folder.read_layout(root, categories, split, dataset=dataset, known_classes=MVTEC_CLASSES,
+                            good="good", mask_suffix="_mask", masks_required=masks_required,
                             check_sizes=check_sizes, verify=verify, faults=faults)

@@ -70,7 +70,7 @@ def write_manifest(build_dir: str, *, reader: str, resize: int, encoding: str,
 
 
 def builds(data_dir: str, dataset: str) -> list[tuple[str, dict]]:
-  """(build dir, manifest) of every complete build of `dataset` under `data_dir`."""
+  """(build dir, manifest) of every complete build of reader `dataset` under `data_dir`."""
   pattern = os.path.join(glob.escape(data_dir), builder_name(dataset), "*", "*", MANIFEST)
   out = []
   for path in sorted(glob.glob(pattern)):
@@ -88,12 +88,15 @@ def _prepare_command(dataset, data_dir, resize, categories, reader_kwargs) -> st
 
 
 def find(data_dir: str, dataset: str, resize: int, categories: Sequence[str] | None = None,
-         **reader_kwargs) -> tuple[str, dict]:
+         *, layout: str | None = None, **reader_kwargs) -> tuple[str, dict]:
   """The build serving (dataset, side, classes, options) -> (build dir, manifest).
 
+  layout: the reader a config's dataset NAME is read with (None: `dataset` names it): a
+  `prepare --dataset <layout>` build serves NAME.
   Preference: a build of exactly these classes, then one of all classes; raw before png
   (same pixels, no decode). No match is a ConfigError that names the `prepare` command.
   """
+  dataset = layout or dataset
   if not data_dir or not os.path.isdir(data_dir):
     raise ConfigError(f"config.data.tfds_dir={data_dir!r} is not a directory: pass the "
                       "--data_dir of python -m inpformer_jax.data.prepare")
@@ -120,15 +123,17 @@ def find(data_dir: str, dataset: str, resize: int, categories: Sequence[str] | N
 
 
 def open_split(data_dir: str, dataset: str, split: str, *, resize: int,
-               categories: Sequence[str] | None = None, **reader_kwargs
-               ) -> tuple[list[Sample], Any]:
+               categories: Sequence[str] | None = None, layout: str | None = None,
+               **reader_kwargs) -> tuple[list[Sample], Any]:
   """-> (the samples of `split` in file-reader order, a grain source of their records).
 
   Test splits carry masks and metadata (`with_masks`), training splits the images only.
+  With a layout the samples' dataset is `dataset` (the config's name), as from the files.
   """
-  build_dir, manifest = find(data_dir, dataset, resize, categories, **reader_kwargs)
+  build_dir, manifest = find(data_dir, dataset, resize, categories, layout=layout,
+                             **reader_kwargs)
   with open(samples_file(build_dir, split)) as f:
-    stored = [Sample(**d) for d in json.load(f)]
+    stored = [Sample(**dict(d, dataset=dataset) if layout else d) for d in json.load(f)]
   source = sources.ArrayRecordSource(build_dir, split, with_masks=split == "test")
   if len(source) != len(stored):
     raise ConfigError(f"{build_dir}: {len(source)} {split} records but {len(stored)} samples "

@@ -4,7 +4,8 @@ The official `dataset.py::get_data_transforms(448, 392)` is
 
   image: PIL .convert('RGB') -> Resize((448, 448)) (PIL BILINEAR, with PIL's antialias)
          -> ToTensor (/255) -> CenterCrop(392) -> Normalize(ImageNet mean, std)
-  mask:  PIL Resize((448, 448)) (BILINEAR too: masks get soft edges) -> ToTensor -> CenterCrop
+  mask:  PIL Resize((448, 448)) of the mask as opened (BILINEAR too, so 'L' masks get soft
+         edges; PIL itself resizes '1' and 'P' NEAREST) -> ToTensor -> CenterCrop
 
 The resize is done by PIL itself (not re-implemented), so the uint8 pixels are PIL's. Cropping
 commutes with the elementwise /255 and normalisation, and the float32 arithmetic follows
@@ -17,7 +18,8 @@ Two entry points produce the same arrays:
 `load_image` is literally the composition of the two, so both paths are bit-identical.
 
 Layout is NHWC: an image is float32 (crop, crop, 3); a mask is float32 (crop, crop) in [0, 1],
-kept soft -- the evaluation decides the binarisation (> 0.5 official, > 0 paper era).
+kept soft -- the evaluation decides the binarisation (> 0.5 official, > 0 paper era); a
+multi-band mask is stored as its maximum band (see `resize_mask_pil_only`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import dataclasses
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageMode
 
 from inpformer_jax import errors
 
@@ -35,6 +37,8 @@ IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 IMAGENET_MEAN = np.array(IMAGENET_MEAN_RGB, np.float32)
 IMAGENET_STD = np.array(IMAGENET_STD_RGB, np.float32)
+# numpy type strings of the PIL modes whose bands are single bytes ('1' is read as bool).
+_BYTE_PIXELS = ("|u1", "|b1")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -106,17 +110,37 @@ def load_image(path: str | os.PathLike, resize: int = 448, crop: int = 392) -> n
   return finish_from_resized(resize_pil_only(path, resize), crop)
 
 
-def _mask_as_l(img: Image.Image) -> Image.Image:
-  # Official: Image.open(gt) without convert; MVTec/VisA/Real-IAD masks are 'L'. For '1' and
-  # 'P' PIL's resize would silently fall back to NEAREST and ToTensor would see palette
-  # indices, so give every other mode the 0..255 grey levels the evaluation expects.
-  return img if img.mode == "L" else img.convert("L")
+def _mask_tensor_bytes(resized: Image.Image, mode: str) -> np.ndarray:
+  """torchvision to_tensor's values of a resized mask, as uint8 (H, W[, C]) before the /255.
+
+  to_tensor (pytorch/vision torchvision/transforms/functional.py) reads
+  np.array(pic, np.uint8) -- the mode's raw bytes: palette INDICES for 'P', one channel per band
+  for 'LA' / 'RGB' -- and multiplies mode '1' (0/1) by 255.
+  """
+  x = np.asarray(resized, dtype=np.uint8)
+  return x * np.uint8(255) if mode == "1" else x
 
 
 def resize_mask_pil_only(path_or_img, size: int) -> np.ndarray:
-  """Mask resized by PIL BILINEAR (soft edges, as the official gt transform): uint8 (size, size)."""
+  """Mask read as the official gt transform reads it, resized by PIL: uint8 (size, size).
+
+  Official: Image.open(gt) (no convert) -> Resize((s, s)) (img.resize(..., BILINEAR): PIL
+  itself resizes modes '1' and 'P' NEAREST, and 'LA' / 'RGBA' bilinearly with premultiplied
+  alpha) -> ToTensor (raw bytes / 255, see `_mask_tensor_bytes`). The evaluation then
+  binarises each channel (> 0.5, or > 0 in the paper era) and max-reduces the channels (SPEC
+  §7.1 step 4). Both thresholds commute with a max over channels, so a multi-band mask is
+  stored as its per-pixel maximum band: the binarised ground truth is the official one for
+  every 8-bit mode ('1', 'P', 'L', 'LA', 'RGB', 'RGBA', ...). A 'P' mask is thus positive
+  where its palette index is >= 128 (not where its colour is bright), and an 'LA' / 'RGBA'
+  mask wherever its alpha is >= 128, whatever its grey level -- as in the official code. Modes
+  with wider pixels ('I', 'I;16', 'F'), which to_tensor would not divide by 255, are converted
+  to 'L' first.
+  """
   img = path_or_img if isinstance(path_or_img, Image.Image) else _open(path_or_img, "mask")
-  return np.asarray(_pil_resize(_mask_as_l(img), size), dtype=np.uint8)
+  if ImageMode.getmode(img.mode).typestr not in _BYTE_PIXELS:
+    img = img.convert("L")
+  x = _mask_tensor_bytes(_pil_resize(img, size), img.mode)
+  return x.max(axis=-1) if x.ndim == 3 else x
 
 
 def finish_mask_from_resized(resized: np.ndarray, crop: int) -> np.ndarray:

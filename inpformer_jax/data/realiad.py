@@ -3,6 +3,7 @@
   <root>/realiad_1024/<class>/OK/S0001/<class>_0001_OK_C1_<time>.jpg
   <root>/realiad_1024/<class>/NG/<defect>/S0123/<name>.jpg  (+ <name>.png, its mask)
   <root>/realiad_jsons/realiad_jsons/<class>.json   (also accepted: realiad_jsons/<class>.json)
+  <root>/realiad_jsons/realiad_jsons_sv/<class>.json  (jsons='realiad_jsons_sv': single view)
 
 Each JSON holds `train` and `test` lists of {category, anomaly_class ('OK' = normal),
 image_path, mask_path}, paths relative to `realiad_<res>/<class>/`. Every view (C1..C5) of a
@@ -28,13 +29,19 @@ REALIAD_CLASSES = (
     "wooden_beads", "woodstick", "zipper",
 )
 RESOLUTIONS = ("256", "512", "1024", "raw")
+VIEWS = ("C1", "C2", "C3", "C4", "C5")
+DEFAULT_RESOLUTION = "1024"
+# The folder the release's split settings unpack into (realiad_jsons/realiad_jsons/,
+# realiad_jsons/realiad_jsons_sv/, ...), and the default setting: all five views.
+JSONS_DIR = "realiad_jsons"
+DEFAULT_JSONS = "realiad_jsons"
 NORMAL_CLASS = "OK"
 _VIEW = re.compile(r"_(C[1-5])_")
 
 LAYOUT = """expected layout (Real-IAD release):
   <root>/realiad_{res}/<class>/OK/S0001/<class>_0001_OK_C1_<time>.jpg
   <root>/realiad_{res}/<class>/NG/<defect>/S0123/<name>.jpg   and its mask <name>.png
-  <root>/{jsons}/{jsons}/<class>.json   (or <root>/{jsons}/<class>.json)
+  <root>/realiad_jsons/{jsons}/<class>.json   (or <root>/{jsons}/<class>.json)
   JSON: {{"train": [...], "test": [...]}}, items {{"category", "anomaly_class" ('OK' = normal),
         "image_path", "mask_path"}}, paths relative to realiad_{res}/<class>/"""
 
@@ -61,10 +68,13 @@ def view_of(path: str, faults: list[folder.Fault] | None = None) -> str | None:
   return m.group(1)
 
 
-def find_json(root: str, category: str, jsons: str = "realiad_jsons",
+def find_json(root: str, category: str, jsons: str = DEFAULT_JSONS,
               faults: list[folder.Fault] | None = None) -> str | None:
-  candidates = [os.path.join(root, jsons, jsons, f"{category}.json"),
-                os.path.join(root, jsons, f"{category}.json")]
+  """The split JSON of a class: jsons names a folder under <root>/realiad_jsons/ (the release
+  unpacks every split setting there), or one under root itself (or an absolute path)."""
+  candidates = list(dict.fromkeys([os.path.join(root, JSONS_DIR, jsons, f"{category}.json"),
+                                   os.path.join(root, jsons, jsons, f"{category}.json"),
+                                   os.path.join(root, jsons, f"{category}.json")]))
   for c in candidates:
     if os.path.isfile(c):
       return c
@@ -99,9 +109,10 @@ def _load_split(json_path: str, split: str, layout: str,
   return spec
 
 
-def read_realiad_class(root: str, category: str, split: str, *, resolution: str = "1024",
-                       views: Iterable[str | int] | None = None, jsons: str = "realiad_jsons",
-                       check_sizes: bool = True,
+def read_realiad_class(root: str, category: str, split: str, *,
+                       resolution: str = DEFAULT_RESOLUTION,
+                       views: Iterable[str | int] | None = None, jsons: str = DEFAULT_JSONS,
+                       dataset: str = "realiad", check_sizes: bool = True,
                        faults: list[folder.Fault] | None = None) -> list[Sample]:
   """Samples of one Real-IAD class for split 'train' or 'test'.
 
@@ -156,7 +167,7 @@ def read_realiad_class(root: str, category: str, split: str, *, resolution: str 
     defect = item["anomaly_class"]
     if defect == NORMAL_CLASS:
       if image is not None:
-        samples.append(Sample(image, None, 0, "realiad", category, "good", True))
+        samples.append(Sample(image, None, 0, dataset, category, "good", True))
       continue
     mask = None
     if not item.get("mask_path"):
@@ -168,7 +179,7 @@ def read_realiad_class(root: str, category: str, split: str, *, resolution: str 
       continue
     if check_sizes and mask is not None:
       folder.check_same_size(image, mask)
-    samples.append(Sample(image, mask, 1, "realiad", category, defect, mask is not None))
+    samples.append(Sample(image, mask, 1, dataset, category, defect, mask is not None))
   if not listed:
     folder.fault(faults, json_path, f"class {category!r} has no {split} images in {json_path}"
                  + (f" for views {sorted(want_views)}" if want_views else ""))
@@ -176,11 +187,12 @@ def read_realiad_class(root: str, category: str, split: str, *, resolution: str 
 
 
 def read_realiad(root: str, categories: Sequence[str] | None = None, split: str = "test", *,
-                 resolution: str = "1024", views: Iterable[str | int] | None = None,
-                 jsons: str = "realiad_jsons", check_sizes: bool = True,
-                 verify: bool = False, faults: list[folder.Fault] | None = None
-                 ) -> list[Sample]:
-  """Samples of Real-IAD; categories None: all 30 classes. jsons picks the split setting."""
+                 resolution: str = DEFAULT_RESOLUTION, views: Iterable[str | int] | None = None,
+                 jsons: str = DEFAULT_JSONS, dataset: str = "realiad",
+                 check_sizes: bool = True, verify: bool = False,
+                 faults: list[folder.Fault] | None = None) -> list[Sample]:
+  """Samples of Real-IAD; categories None: all 30 classes. jsons picks the split setting;
+  dataset is the samples' dataset name (the config's name for this root)."""
   if not os.path.isdir(root):
     folder.fault(faults, root, f"dataset root {root} does not exist",
                  LAYOUT.format(res=resolution, jsons=jsons))
@@ -192,7 +204,8 @@ def read_realiad(root: str, categories: Sequence[str] | None = None, split: str 
   samples = []
   for c in categories:
     samples.extend(read_realiad_class(root, c, split, resolution=resolution, views=views,
-                                      jsons=jsons, check_sizes=check_sizes, faults=faults))
+                                      jsons=jsons, dataset=dataset, check_sizes=check_sizes,
+                                      faults=faults))
   if verify:
     folder.verify_images(samples)
   return samples

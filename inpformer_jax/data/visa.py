@@ -19,9 +19,9 @@ VISA_CLASSES = (
 
 
 def read_visa(root: str, categories: Sequence[str] | None = None, split: str = "test", *,
-              check_sizes: bool = True, verify: bool = False,
-              faults: list[folder.Fault] | None = None) -> list[Sample]:
+              dataset: str = "visa", masks_required: bool = True, check_sizes: bool = True,
+              verify: bool = False, faults: list[folder.Fault] | None = None) -> list[Sample]:
   """Samples of VisA (1cls layout); categories None: all 12 classes."""
-  return folder.read_layout(root, categories, split, dataset="visa", known_classes=VISA_CLASSES,
-                            good="good", mask_suffix="", masks_required=True,
+  return folder.read_layout(root, categories, split, dataset=dataset, known_classes=VISA_CLASSES,
+                            good="good", mask_suffix="", masks_required=masks_required,
                             check_sizes=check_sizes, verify=verify, faults=faults)

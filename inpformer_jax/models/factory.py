@@ -52,6 +52,25 @@ def is_cnn_encoder(name: str) -> bool:
   return name.startswith("efficientnet_lite")
 
 
+def pos_embed_interpolation(model_config: ml_collections.ConfigDict) -> dict:
+  """DinoViT's interpolate_offset / interpolate_antialias from config.model.pos_embed_preset
+  (None = 'inpformer', the official code's), or from the loose interpolate_offset /
+  interpolate_antialias fields, which older configs set; not both."""
+  preset = model_config.get("pos_embed_preset")
+  loose = {k: model_config.get(k) for k in ("interpolate_offset", "interpolate_antialias")
+           if model_config.get(k) is not None}
+  if preset is not None and loose:
+    raise ConfigError(
+        f"config.model.pos_embed_preset={preset!r} and config.model."
+        f"{'/'.join(loose)} both set the position-embedding interpolation; keep one")
+  try:
+    out = vit.pos_embed_preset(vit.DEFAULT_POS_EMBED_PRESET if preset is None else preset)
+  except ValueError as e:
+    raise ConfigError(f"config.model.pos_embed_preset: {e}") from None
+  out.update(loose)
+  return out
+
+
 def build_encoder(model_config: ml_collections.ConfigDict):
   """The frozen encoder described by `model_config` (DINOv2 ViT or EfficientNet-Lite)."""
   dtype = _dtype(model_config.get("dtype", "float32"))
@@ -65,8 +84,7 @@ def build_encoder(model_config: ml_collections.ConfigDict):
         grid_stride=model_config.get("grid_stride", 16),
         normalize_layers=model_config.get("normalize_layers", True))
   common = dict(
-      interpolate_offset=model_config.get("interpolate_offset", 0.1),
-      interpolate_antialias=model_config.get("interpolate_antialias", False),
+      **pos_embed_interpolation(model_config),
       dtype=dtype,
       attention_impl=model_config.get("attention_impl", None),
   )

@@ -44,6 +44,39 @@ PRETRAIN_GRID = 37  # 518 / 14: the grid the released pos_embed was trained at.
 # ratio, whereas torch's F.interpolate(scale_factor=s) maps dst -> src with the GIVEN s.
 # ---------------------------------------------------------------------------------------
 
+# Named (interpolate_offset, interpolate_antialias) pairs, read as facebookresearch's
+# DinoVisionTransformer.interpolate_pos_encoding reads them: offset > 0 resizes with
+# F.interpolate(scale_factor=(g + offset) / G), offset 0 with F.interpolate(size=(g, g)); all
+# are mode='bicubic', align_corners=False, computed in float32. docs/encoder.md has the table.
+POS_EMBED_PRESETS = {
+    # INP-Former / Dinomaly: their vendored dinov2 `vision_transformer.py` defaults, which
+    # `vit_encoder` keeps for every variant; also facebookresearch's hub models WITHOUT
+    # registers (`_make_dinov2_model` defaults).
+    "inpformer": (0.1, False),
+    # facebookresearch hub `dinov2_vit*14_reg` (interpolate_offset=0.0, interpolate_antialias=True).
+    "dinov2_hub_reg": (0.0, True),
+    # timm `resample_abs_pos_embed`: F.interpolate(size=new_size, mode='bicubic', antialias=True)
+    # on posemb.float(), for its dinov2 models with and without registers.
+    "timm": (0.0, True),
+    # transformers `Dinov2WithRegistersEmbeddings.interpolate_pos_encoding`:
+    # F.interpolate(x.to(float32), size=(h, w), mode='bicubic', align_corners=False,
+    # antialias=True).
+    "hf_dinov2_registers": (0.0, True),
+    # transformers `Dinov2Embeddings.interpolate_pos_encoding` (Dinov2Model): the same call
+    # without `antialias`, i.e. torch's default False.
+    "hf_dinov2": (0.0, False),
+}
+DEFAULT_POS_EMBED_PRESET = "inpformer"
+
+
+def pos_embed_preset(name: str) -> dict:
+  """-> {interpolate_offset, interpolate_antialias} of a POS_EMBED_PRESETS name."""
+  if name not in POS_EMBED_PRESETS:
+    raise ValueError(f"unknown position-embedding preset {name!r}; choose one of "
+                     f"{', '.join(POS_EMBED_PRESETS)}")
+  offset, antialias = POS_EMBED_PRESETS[name]
+  return {"interpolate_offset": offset, "interpolate_antialias": antialias}
+
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
   """Keys' cubic convolution kernel with coefficient `a` (torch/PIL formulation)."""
@@ -55,16 +88,23 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
   )
 
 
-def bicubic_matrix(in_size: int, scale_factor: float, *, antialias: bool) -> np.ndarray:
+def bicubic_matrix(in_size: int, scale_factor: float | None = None, *, antialias: bool,
+                   size: int | None = None) -> np.ndarray:
   """(out, in) matrix equal to torch.nn.functional.interpolate(mode="bicubic",
-  align_corners=False, scale_factor=scale_factor, antialias=antialias) along one axis.
+  align_corners=False, antialias=antialias) along one axis, given `scale_factor` or `size`.
 
-  Without antialias: A = -0.75, src = (dst + 0.5) / s - 0.5, the four taps clamped to the
-  border (torch `upsample_bicubic2d`). With antialias: torch's separable AA kernel (PIL's
-  algorithm, A = -0.5, support widened by 1/s when shrinking, weights renormalised).
+  torch maps dst -> src with 1/scale_factor when a scale factor is given (out =
+  floor(in * s)), and with in/out when a size is. Without antialias: A = -0.75,
+  src = (dst + 0.5) * inv - 0.5, the four taps clamped to the border (torch
+  `upsample_bicubic2d`). With antialias: torch's separable AA kernel (PIL's algorithm,
+  A = -0.5, support widened by inv when shrinking, weights renormalised).
   """
-  out_size = int(math.floor(in_size * scale_factor))
-  inv = 1.0 / scale_factor  # torch uses 1/scale_factor when a scale factor is given
+  if (scale_factor is None) == (size is None):
+    raise ValueError("give exactly one of scale_factor and size")
+  if size is None:
+    out_size, inv = math.floor(in_size * scale_factor), 1.0 / scale_factor
+  else:
+    out_size, inv = int(size), in_size / size
   mat = np.zeros((out_size, in_size), np.float64)
   if not antialias:
     for i in range(out_size):
@@ -95,8 +135,10 @@ def pos_embed_matrices(src_grid: int, dst_grid: int, offset: float, antialias: b
   """Row interpolation matrix (dst_grid, src_grid), or None when no resize is needed."""
   if src_grid == dst_grid:
     return None  # DINOv2 returns pos_embed unchanged at its pretraining size
-  scale = (dst_grid + offset) / src_grid
-  mat = bicubic_matrix(src_grid, scale, antialias=antialias)
+  if offset:
+    mat = bicubic_matrix(src_grid, (dst_grid + offset) / src_grid, antialias=antialias)
+  else:  # facebookresearch (`if self.interpolate_offset:`), timm and transformers: size=
+    mat = bicubic_matrix(src_grid, antialias=antialias, size=dst_grid)
   if mat.shape[0] != dst_grid:
     raise ValueError(
         f"pos-embed interpolation gives a {mat.shape[0]}-grid, expected {dst_grid} "
@@ -108,8 +150,8 @@ def interpolate_pos_embed(pos_embed: Array, grid: int, *, offset: float = 0.1,
                           antialias: bool = False) -> Array:
   """pos_embed (1, 1+G*G, D) -> (1, 1+grid*grid, D), as DINOv2's interpolate_pos_encoding.
 
-  Defaults are INP-Former's (offset 0.1, no antialias); the upstream hub reg models use
-  offset 0 with antialias.
+  Defaults are INP-Former's (offset 0.1, no antialias); POS_EMBED_PRESETS names the
+  settings of the other DINOv2 implementations.
   """
   n = pos_embed.shape[1] - 1
   src = int(round(math.sqrt(n)))
@@ -224,7 +266,7 @@ class DinoViT(nn.Module):
     num_register_tokens: 0 or 4 (the `_reg4` checkpoints).
     pretrain_grid: side of the stored pos_embed grid (37 for the released weights).
     interpolate_offset / interpolate_antialias: INP-Former uses 0.1 / False for every
-      variant; the upstream hub reg models use 0.0 / True.
+      variant; `pos_embed_preset(name)` gives the pair of each POS_EMBED_PRESETS name.
     dtype: compute dtype (params stay float32).
     attention_impl: None / 'xla' / 'cudnn' go to jax.nn.dot_product_attention (None lets
       JAX pick: cuDNN on GPUs); 'explicit' is DINOv2's own formulation, faster on the CPU.

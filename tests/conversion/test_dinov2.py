@@ -196,6 +196,7 @@ def test_cli_round_trip_reproduces_torch_blocks(images, tmp_path):
   params, meta = load_params(out)
   assert meta["kind"] == "dinov2" and meta["format"] == "fb"
   assert meta["source_file"] == str(src)
+  assert meta["source_pos_embed_preset"] == "dinov2_hub_reg"  # what that source's code does
   _assert_close(_torch_layers(m, images), _flax_layers(meta["arch"], params, images))
   # Refuses to overwrite, and reports conversion errors without a traceback.
   assert convert_dinov2.main(["--input", str(src), "--output", str(out)]) == 2

@@ -6,7 +6,10 @@ about ((W-1)/2, (H-1)/2), normalised for align_corners=True, inverted, then affi
 grid_sample) since kornia is not a dependency.
 """
 
+import json
 import math
+import os
+import random
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from inpformer_jax.data import fewshot, preprocess, sources
+from inpformer_jax.data import fewshot, preprocess, readers, sources
 from inpformer_jax.data.records import Sample
 from tests.data.helpers import CROP, RESIZE, take, train, write_samples
 
@@ -122,22 +125,137 @@ def _samples(n_per_class, classes=("a", "b", "c")):
           for c in classes for i in range(n_per_class)]
 
 
-def test_select_shots_deterministic_per_class():
+# MVTec AD's classes in the official few-shot script's order, with their train/good counts.
+MVTEC_TRAIN_COUNTS = {
+    "carpet": 280, "grid": 264, "leather": 245, "tile": 230, "wood": 247, "bottle": 209,
+    "cable": 224, "capsule": 219, "hazelnut": 391, "metal_nut": 220, "pill": 267, "screw": 320,
+    "toothbrush": 60, "transistor": 213, "zipper": 240,
+}
+# A few Real-IAD classes (official order), each JSON's `train` list deliberately unsorted.
+REALIAD_TRAIN_COUNTS = {"audiojack": 23, "toothbrush": 31, "zipper": 17}
+# torchvision.datasets.folder.IMG_EXTENSIONS, which ImageFolder keeps (case-insensitively).
+IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
+                          ".webp")
+
+
+@pytest.fixture(scope="module")
+def mvtec_train_tree(tmp_path_factory):
+  """MVTec AD train/good folders with the real class names and counts (empty files: the train
+  reader lists names only)."""
+  root = tmp_path_factory.mktemp("mvtec")
+  for c, n in MVTEC_TRAIN_COUNTS.items():
+    good = root / c / "train" / "good"
+    good.mkdir(parents=True)
+    for i in np.random.default_rng(len(c)).permutation(n):  # creation order is not list order
+      (good / f"{i:03d}.png").touch()
+  return str(root), readers.read_dataset("mvtec", str(root), split="train")
+
+
+@pytest.fixture(scope="module")
+def realiad_train_tree(tmp_path_factory):
+  root = tmp_path_factory.mktemp("realiad")
+  for c, n in REALIAD_TRAIN_COUNTS.items():
+    items = []
+    for i in np.random.default_rng(n).permutation(n):
+      rel = f"OK/S{i:04d}/{c}_{i:04d}_OK_C1_2023.jpg"
+      (root / "realiad_1024" / c / rel).parent.mkdir(parents=True, exist_ok=True)
+      (root / "realiad_1024" / c / rel).touch()
+      items.append({"category": c, "anomaly_class": "OK", "image_path": rel, "mask_path": None})
+    (root / "realiad_jsons" / "realiad_jsons").mkdir(parents=True, exist_ok=True)
+    with open(root / "realiad_jsons" / "realiad_jsons" / f"{c}.json", "w") as f:
+      json.dump({"meta": {"prefix": c}, "train": items, "test": []}, f)
+  return str(root), readers.read_dataset("realiad", str(root), list(REALIAD_TRAIN_COUNTS),
+                                         split="train")
+
+
+def _image_folder_samples(train_dir):
+  """torchvision ImageFolder(train_dir).samples: (path, class index), classes and files
+  sorted (datasets/folder.py: find_classes, make_dataset)."""
+  classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+  samples = []
+  for idx, c in enumerate(classes):
+    for root, _, names in sorted(os.walk(os.path.join(train_dir, c), followlinks=True)):
+      samples += [(os.path.join(root, n), idx) for n in sorted(names)
+                  if n.lower().endswith(IMAGEFOLDER_EXTENSIONS)]
+  return samples
+
+
+def _official_shots(populations, k):
+  """INP_Former_Few_Shot.py: setup_seed(1) (random.seed(1)), then per class in order
+  `random.sample(population, k)`. populations: class -> that class's training list."""
+  state = random.getstate()
+  try:
+    random.seed(1)
+    return {c: random.sample(pop, k) for c, pop in populations.items()}
+  finally:
+    random.setstate(state)
+
+
+def _official_mvtec(root, k):
+  pops = {c: _image_folder_samples(os.path.join(root, c, "train")) for c in MVTEC_TRAIN_COUNTS}
+  return [os.path.abspath(path) for shots in _official_shots(pops, k).values()
+          for path, _ in shots]
+
+
+def _official_realiad(root, k):
+  """RealIADDataset(phase='train'): the class JSON's train entries, in file order."""
+  pops = {}
+  for c in REALIAD_TRAIN_COUNTS:
+    with open(os.path.join(root, "realiad_jsons", "realiad_jsons", f"{c}.json")) as f:
+      pops[c] = [os.path.join(root, "realiad_1024", c, item["image_path"])
+                 for item in json.load(f)["train"]]
+  return [os.path.abspath(p) for shots in _official_shots(pops, k).values() for p in shots]
+
+
+def _paths(shots):
+  return [s.image_path for s in shots]
+
+
+def _indices(shots):
+  return [int(os.path.basename(p)[:3]) for p in _paths(shots)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
+def test_select_shots_is_the_official_selection(mvtec_train_tree, realiad_train_tree, k):
+  (mvtec_root, mvtec), (realiad_root, realiad) = mvtec_train_tree, realiad_train_tree
+  assert list(dict.fromkeys(s.category for s in mvtec)) == list(readers.MVTEC_CLASSES)
+  assert readers.MVTEC_CLASSES == tuple(MVTEC_TRAIN_COUNTS)  # SPEC §6.3's order
+  assert _paths(fewshot.select_shots(mvtec, k, seed=1)) == _official_mvtec(mvtec_root, k)
+  assert _paths(fewshot.select_shots(realiad, k, seed=1)) == _official_realiad(realiad_root, k)
+
+
+def test_carpet_four_shots_are_spec_indices(mvtec_train_tree):
+  carpet = [s for s in mvtec_train_tree[1] if s.category == "carpet"]
+  assert _indices(fewshot.select_shots(carpet, 4, seed=1)) == [68, 32, 130, 60]  # SPEC §6.3
+
+
+def test_joined_datasets_each_get_k_shots_per_class(mvtec_train_tree, realiad_train_tree):
+  (mvtec_root, mvtec), (realiad_root, realiad) = mvtec_train_tree, realiad_train_tree
+  shots = fewshot.select_shots(mvtec + realiad, 4, seed=1)
+  # one stream per dataset, as the official script runs one dataset per process
+  assert _paths(shots) == _official_mvtec(mvtec_root, 4) + _official_realiad(realiad_root, 4)
+  for name in ("toothbrush", "zipper"):
+    assert [s.dataset for s in shots if s.category == name] == ["mvtec"] * 4 + ["realiad"] * 4
+
+
+def test_select_shots_depends_on_seed_and_class_order():
   s = _samples(20)
   shots = fewshot.select_shots(s, 4, seed=1)
   assert [x.category for x in shots] == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
-  # independent of list order and of the other classes
-  rev = fewshot.select_shots(list(reversed(s)), 4, seed=1)
-  assert {x.image_path for x in rev} == {x.image_path for x in shots}
-  only_b = fewshot.select_shots([x for x in s if x.category == "b"], 4, seed=1)
-  assert only_b == [x for x in shots if x.category == "b"]
-  assert shots != fewshot.select_shots(s, 4, seed=2)
   assert len({x.image_path for x in shots}) == 12
+  assert shots != fewshot.select_shots(s, 4, seed=2)
+  # b draws after a from the same stream; b alone draws what a drew first
+  only_b = fewshot.select_shots([x for x in s if x.category == "b"], 4, seed=1)
+  assert _indices(only_b) == _indices(shots[:4]) != _indices(shots[4:8])
 
 
 def test_select_shots_errors():
-  with pytest.raises(ValueError, match="fewer than config.few_shot.shots=4"):
+  with pytest.raises(fewshot.ShotsError, match="fewer than config.few_shot.shots=4"):
     fewshot.select_shots(_samples(3), 4, seed=0)
+  with pytest.raises(fewshot.ShotsError, match="must be >= 1"):
+    fewshot.select_shots(_samples(3), 0, seed=0)
+  with pytest.raises(fewshot.ShotsError, match="integer"):
+    fewshot.select_shots(_samples(3), 2.0, seed=0)
   bad = _samples(5) + [Sample("/d/a/test/x/0.png", "/m.png", 1, "mvtec", "a", "x")]
   with pytest.raises(ValueError, match="must be normal"):
     fewshot.select_shots(bad, 2, seed=0)

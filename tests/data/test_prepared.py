@@ -1,6 +1,7 @@
 """Prepared records in place of the files: `prepare` for every reader, the config finding the
 builds, and a joint MVTec + Real-IAD run from records equal to the same run from the files."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -91,6 +92,13 @@ def test_every_reader_has_a_builder_and_a_manifest(roots, tfds_dir, tmp_path):
                                         categories=["zipper"])
   assert samples == readers.read_dataset("folder", roots["mvtec"], ["zipper"], "test")
   assert [source[i]["path"] for i in range(4)] == [s.image_path for s in samples]
+  # A config's own name for the folder (its layout given) reads that build, under its name.
+  mine = local_config(mvtec.get_config, "", {}, **{
+      "data.roots.mine": "/nonexistent", "data.layouts.mine": "folder", "data.test": "mine",
+      "data.categories.mine": "zipper", "data.source": "array_record",
+      "data.tfds_dir": str(tmp_path)})
+  assert datasets.read_split(mine.data, "test").samples == [
+      dataclasses.replace(s, dataset="mine") for s in samples]
 
 
 def test_missing_or_mismatched_builds_name_the_prepare_command(roots, tfds_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""Preprocessing equals a PIL-free, torchvision-free reference written here in numpy."""
+"""Preprocessing equals a PIL-free, torchvision-free reference written here in numpy (masks:
+equal to the official transforms restated with PIL and torch calls)."""
 
 import numpy as np
 import pytest
@@ -184,3 +185,66 @@ def test_preprocessing_equals_load_image_and_load_mask(tmp_path):
   np.testing.assert_array_equal(p.mask(tmp_path / "m.png"),
                                 preprocess.load_mask(tmp_path / "m.png", 64, 56))
   np.testing.assert_array_equal(p.mask(None), np.zeros((56, 56), np.float32))
+
+
+def _mask_in_mode(mode, w=700, h=523):
+  """A mask in `mode` with boxes, a ramp and noise, so that resizing interpolates."""
+  rng = np.random.default_rng(len(mode))
+  yy, xx = np.mgrid[:h, :w]
+  box = ((yy > 100) & (yy < 300) & (xx > 150) & (xx < 420)) | (rng.random((h, w)) > 0.97)
+  ramp = (xx * 255 // (w - 1)).astype(np.uint8)
+  if mode == "1":
+    return Image.fromarray(box).convert("1")
+  if mode == "L":
+    return Image.fromarray(np.where(box, 255, ramp // 3).astype(np.uint8), "L")
+  if mode == "P":
+    # indices >= 128 count in the official pipeline, whatever their colour: index 1 is white,
+    # index 200 black, 127 and 130 grey.
+    idx = np.select([box, xx < 200, xx < 400], [200, 1, 127], 130).astype(np.uint8)
+    img = Image.fromarray(idx, "P")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[1], palette[127], palette[130] = 255, 128, 127
+    img.putpalette(palette.ravel().tolist())
+    return img
+  alpha = np.select([xx < 100, xx < 250], [0, 100], 255).astype(np.uint8)
+  if mode == "LA":
+    return Image.fromarray(np.dstack([np.where(box, 255, 0).astype(np.uint8), alpha]), "LA")
+  assert mode == "RGB"
+  other = (yy > 350) & (xx > 500)
+  return Image.fromarray(np.dstack([np.where(box, 255, 0), np.where(other, 200, 0), ramp // 2])
+                         .astype(np.uint8), "RGB")
+
+
+def _official_gt(path, resize, crop, threshold):
+  """The official gt transform and evaluation, restated with PIL and torch calls.
+
+  torchvision Resize((s, s)) on a PIL image: img.resize((s, s), BILINEAR)
+  (transforms/_functional_pil.py::resize); CenterCrop on PIL: img.crop at int(round((s - c)
+  / 2)); ToTensor (transforms/functional.py::to_tensor): np.array(pic, np.uint8), times 255
+  for mode '1', viewed (H, W, len(bands)), permuted to CHW, float / 255. Evaluation (utils.py
+  evaluation_batch): nearest resize to 256, gt > 0.5 (or gt.bool()), max over channels.
+  """
+  pic = Image.open(path)
+  pic = pic.resize((resize, resize), Image.BILINEAR)
+  top = round((resize - crop) / 2.0)
+  pic = pic.crop((top, top, top + crop, top + crop))
+  t = torch.from_numpy(np.array(pic, np.uint8, copy=True))
+  if pic.mode == "1":
+    t = 255 * t
+  t = t.view(pic.size[1], pic.size[0], len(pic.getbands())).permute(2, 0, 1).contiguous()
+  gt = torch.nn.functional.interpolate(t.to(torch.float32).div(255)[None], size=256,
+                                       mode="nearest")
+  return (gt > threshold).max(dim=1).values[0].numpy()
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "L", "LA", "RGB"])
+def test_binarised_mask_is_the_official_one_in_every_mode(tmp_path, mode):
+  path = tmp_path / f"m_{mode}.png"
+  _mask_in_mode(mode).save(path)
+  assert Image.open(path).mode == mode
+  ours = torch.from_numpy(preprocess.load_mask(path, 448, 392))[None, None]
+  ours = torch.nn.functional.interpolate(ours, size=256, mode="nearest")[0, 0].numpy()
+  for threshold in (0.5, 0.0):  # official, paper era
+    want = _official_gt(path, 448, 392, threshold)
+    np.testing.assert_array_equal(ours > threshold, want)
+  assert want.any() and not _official_gt(path, 448, 392, 0.5).all()

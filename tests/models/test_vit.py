@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from inpformer_jax.conversion import dinov2 as dinov2_conversion
-from inpformer_jax.models import vit
+from inpformer_jax.models import factory, vit
+from inpformer_jax.settings import ConfigError
 from tests import helpers
 
 torch = pytest.importorskip("torch")
@@ -121,3 +123,56 @@ def test_golden_official_encoder(golden, golden_state_dict):
                       pretrain_grid=37, mlp_ratio=4.0)
   images = jnp.asarray(helpers.nhwc(z["input/images"]))
   helpers.check_golden_encoder(vit.DinoViT(**arch), params, images, z)
+
+
+def _hf_interpolate_pos_encoding(pos_embed, grid, *, registers, dtype=torch.float32):
+  """transformers' Dinov2Embeddings.interpolate_pos_encoding (registers=False) and
+  Dinov2WithRegistersEmbeddings' (registers=True, which adds antialias=True), square input.
+  They compute in float32 (`dtype`); float64 shows the interpolation without float32's
+  rounding of torch's own cubic weights."""
+  class_pos_embed, patch_pos_embed = pos_embed[:, :1], pos_embed[:, 1:]
+  dim, side = pos_embed.shape[-1], int((pos_embed.shape[1] - 1) ** 0.5)
+  patch_pos_embed = patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+  target_dtype = patch_pos_embed.dtype
+  patch_pos_embed = torch.nn.functional.interpolate(
+      patch_pos_embed.to(dtype), size=(grid, grid), mode="bicubic",
+      align_corners=False, **({"antialias": True} if registers else {})).to(dtype=target_dtype)
+  patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+  return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
+
+
+_TINY = {"encoder": "custom", "width": 32, "depth": 1, "num_heads": 2, "num_registers": 0}
+
+
+def _encoder_for_preset(preset, **model):
+  return factory.build_encoder(ml_collections.ConfigDict(
+      {**_TINY, "pos_embed_preset": preset, **model}))
+
+
+@pytest.mark.parametrize("preset,registers", [("hf_dinov2", False),
+                                              ("hf_dinov2_registers", True)])
+def test_hf_presets_match_transformers_interpolation(preset, registers):
+  pos = np.random.default_rng(11).standard_normal((1, 1 + 37 * 37, 32)).astype(np.float32)
+  enc, official = _encoder_for_preset(preset), _encoder_for_preset(None)
+  # 224, 392 and 546 px; at 39, scale_factor=39/37 would give floor(37 * 39/37) = 38: size= only.
+  for grid in (16, 28, 39):
+    exact = _hf_interpolate_pos_encoding(torch.from_numpy(pos).double(), grid,
+                                         registers=registers, dtype=torch.float64).numpy()
+    want = _hf_interpolate_pos_encoding(torch.from_numpy(pos), grid, registers=registers).numpy()
+    got = vit.interpolate_pos_embed(jnp.asarray(pos), grid, offset=enc.interpolate_offset,
+                                    antialias=enc.interpolate_antialias)
+    np.testing.assert_allclose(np.asarray(got), exact, atol=1e-6, rtol=0)
+    # torch's float32 cubic weights alone put its result 1.3e-5 from its float64 one (37 -> 28).
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
+    inp = vit.interpolate_pos_embed(jnp.asarray(pos), grid, offset=official.interpolate_offset,
+                                    antialias=official.interpolate_antialias)
+    assert np.abs(np.asarray(inp) - want).max() > 1e-2  # the presets are told apart here
+
+
+def test_pos_embed_preset_config_errors():
+  with pytest.raises(ConfigError, match="pos_embed_preset.*hf_dinov2"):
+    _encoder_for_preset("hf")
+  with pytest.raises(ConfigError, match="interpolate_offset.*keep one"):
+    _encoder_for_preset("timm", interpolate_offset=0.1)
+  old = _encoder_for_preset(None, interpolate_offset=0.0, interpolate_antialias=True)
+  assert (old.interpolate_offset, old.interpolate_antialias) == (0.0, True)  # older configs
