@@ -151,13 +151,23 @@ def _offline_message(name, url, dest, err) -> str:
 
 def _convert_once(out_dir: Path, write: Callable[[Path], object]) -> Path:
   """Runs write(tmp_dir) and renames tmp_dir to `out_dir`: the cache holds whole params dirs
-  only, and two processes converting at once both end with the same result."""
-  if (out_dir / checkpoint.META_FILE).is_file():
+  only, and two processes converting at once both end with the same result. An entry
+  converted before seals existed is converted again (the cache can always be re-derived),
+  so that every later read can check it; if that fails (offline), the old entry is kept."""
+  stale = (out_dir / checkpoint.META_FILE).is_file()
+  if stale and (out_dir / checkpoint.SEAL_FILE).is_file():
     return out_dir
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".tmp", dir=out_dir.parent))
   try:
-    write(tmp / "params_dir")
+    try:
+      write(tmp / "params_dir")
+    except Exception:  # pylint: disable=broad-except
+      if stale:  # e.g. the source cannot be downloaded again: keep what there is
+        return out_dir
+      raise
+    if stale:
+      os.rename(out_dir, tmp / "unsealed")
     try:
       os.rename(tmp / "params_dir", out_dir)
     except OSError:

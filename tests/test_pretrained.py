@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from inpformer_jax import checkpoint
+from inpformer_jax import params as params_lib
 from inpformer_jax import pretrained
 from tests.conftest import NO_TORCH, REPO
 
@@ -174,3 +176,9 @@ assert "torch" not in sys.modules
                                 sd["_blocks.3._bn2.running_var"].numpy())
   np.testing.assert_array_equal(got["classifier/kernel"], sd["_fc.weight"].numpy().T)
   assert (tmp_path / "efficientnet_lite0" / "meta.json").is_file()
+  # An entry converted before seals existed is converted again, sealed.
+  (tmp_path / "efficientnet_lite0" / checkpoint.SEAL_FILE).unlink()
+  again = pretrained.efficientnet_lite_params("lite0", cache=tmp_path)
+  assert (tmp_path / "efficientnet_lite0" / checkpoint.SEAL_FILE).is_file()
+  np.testing.assert_array_equal(params_lib.flatten(again)["classifier/kernel"],
+                                got["classifier/kernel"])
