@@ -43,7 +43,8 @@ def check_shots(shots, field: str = "config.few_shot.shots") -> None:
     raise ConfigError(f"{field}={shots!r}: the normal images per class, an integer >= 1")
 
 
-def _names(field: str) -> list[str]:
+def comma_list(field: str | None) -> list[str]:
+  """'mvtec, visa' (config.data.train / .test / .categories.NAME) -> ['mvtec', 'visa']."""
   return [n.strip() for n in (field or "").split(",") if n.strip()]
 
 
@@ -75,7 +76,7 @@ def check_config(config, mode: str = "train_and_eval") -> None:
 
 def _check_datasets_of_setting(config) -> None:
   """What `configs/FILE.py:setting=X` sets about the data, refused when `--config` left it out."""
-  train, test = _names(config.data.train), _names(config.data.test)
+  train, test = comma_list(config.data.train), comma_list(config.data.test)
   if config.setting == "zero_shot" and set(train) & set(test):
     raise ConfigError(
         f"setting=zero_shot: config.data.train={config.data.train!r} names the source model's "

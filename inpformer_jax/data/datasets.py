@@ -30,11 +30,12 @@ from inpformer_jax.data import realiad
 from inpformer_jax.data import sources
 from inpformer_jax.data.records import Sample
 from inpformer_jax.settings import ConfigError
+from inpformer_jax.settings import comma_list
 
 
 SOURCES = ("files", "array_record")
 # config.data.layouts values: the readers a dataset NAME can be read with.
-LAYOUTS = ("mvtec", "visa", "realiad", "mpdd", "btad", "folder", "demo")
+LAYOUTS = tuple(readers.READERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ def specs(data_config, which: str) -> list[dict]:
   files, masks_required (config.data.masks.NAME, default True).
   With records (`data.source='array_record'`) the roots are not needed and not checked.
   """
-  names = [n.strip() for n in getattr(data_config, which).split(",") if n.strip()]
+  names = comma_list(getattr(data_config, which))
   if not names:
     raise ConfigError(f"config.data.{which} is empty: name at least one dataset")
   out = []
@@ -76,7 +77,7 @@ def specs(data_config, which: str) -> list[dict]:
     cats = data_config.categories.get(name, "") or ""
     layout = layout_of(data_config, name)
     out.append({"name": name, "root": root,
-                "categories": [c.strip() for c in cats.split(",") if c.strip()] or None,
+                "categories": comma_list(cats) or None,
                 "layout": layout, **_reader_options(data_config, name, layout)})
   return out
 
