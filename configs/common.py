@@ -233,7 +233,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 'reconstruction' (1 - cos(en, de)) | 'inp_distance'; None = the setting's
   # (inpformer_jax.settings.map_kind): 'inp_distance' for zero_shot, else 'reconstruction'.
   c.eval.map = config_dict.placeholder(str)
-  c.eval.num_overlays = 0       # PNG overlays of image / mask / map saved per class.
+  c.eval.gallery_size = 4       # report.html: images per gallery section per class (0: none).
 
   # ---- devices -------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

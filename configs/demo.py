@@ -68,6 +68,5 @@ def get_config(arg=None):
   c.train.checkpoint_every_steps = 100
   c.optim.warmup_steps = 20
   c.eval.batch_size = 8
-  c.eval.num_overlays = 2
   common.apply_args(c, a, "configs/demo.py")
   return c

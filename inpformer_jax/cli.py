@@ -9,8 +9,10 @@ the config file rejects, an unknown or missing flag. Any other exception is a bu
 its traceback. A message with continuation lines of its own (a dataset layout, a list of
 keys) keeps them, indented under the `error:` line.
 
-`--verbose`, on every command line (argparse and absl alike), prints the traceback of a user
-mistake too, above the `error:` line.
+Every command line is absl flags, spelt `--name=value` or `--name value` with `_` in names
+(`--image_size`; an old `--image-size` gets a did-you-mean), booleans `--name` / `--noname` /
+`--name=false`; the table of them all is docs/cli.md. `--verbose`, on every one, prints the
+traceback of a user mistake too, above the `error:` line; `-h` / `--help` lists the flags.
 
 The config (`define_config`) takes new keys of one kind only, a dataset NAME's:
 `--config.data.roots.NAME=PATH` (which makes NAME a dataset), `data.categories.NAME`,
@@ -20,14 +22,14 @@ the text after `=` (masks: True/False), never a Python literal. New roots not na
 test datasets (test only, zero-shot: train names the source model's data); a new root used by
 neither is an error. Any other new key is the `no such field` error; then the config is locked.
 
-  argparse commands (deploy.predict / calibrate / export, data.prepare, data.demo,
-  weights_conversion/*):  return cli.run(main, parser, argv)   # main(args) -> exit status
+  the tools (deploy.predict / calibrate / export, data.prepare, data.demo,
+  weights_conversion/*):  return cli.run_flags(main, define, argv, prog=..., doc=__doc__)
+                          # define(fv) defines the flags on fresh FlagValues; main(fv) -> status
   inpformer_jax.main:     cli.run_absl(main, config=_CONFIG, verbose=_VERBOSE)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import os
@@ -73,12 +75,97 @@ def call(fn: Callable[..., Any], *args, verbose: bool = False, **kwargs) -> Any:
     return report(e, verbose)
 
 
-def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
-        argv: Sequence[str] | None = None) -> int:
-  """Adds --verbose, parses argv and returns main(args), or 2 for a user mistake."""
-  parser.add_argument(f"--{VERBOSE_FLAG}", action="store_true", help=VERBOSE_HELP)
-  args = parser.parse_args(argv)
-  return call(main, args, verbose=args.verbose)
+def run_flags(main: Callable[[flags.FlagValues], int],
+              define: Callable[[flags.FlagValues], None], argv: Sequence[str] | None = None, *,
+              prog: str, doc: str, rest: str | None = None) -> int:
+  """A tool's command line: main(fv) -> its exit status, or 2 for a user mistake.
+
+  define(fv) defines the tool's flags on a fresh FlagValues (one per call: a tool can run
+  many times in one process), --verbose is added; argv (default sys.argv[1:]) holds no
+  program name. Arguments left after the flags are an error, or, with `rest` (a multi-string
+  flag), more of its values: `--input dir/*.png` after the shell's expansion.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = flags.FlagValues()
+  define(fv)
+  flags.DEFINE_bool(VERBOSE_FLAG, False, VERBOSE_HELP, flag_values=fv)
+  options = argv[:argv.index("--")] if "--" in argv else argv
+  if any(a in _HELP_FLAGS for a in options):
+    print(usage(fv, prog, doc))
+    return 0
+  try:
+    left = _parse_tool_flags(fv, [prog, *argv], rest)
+  except errors.UserError as e:
+    return report(e, any(re.fullmatch(rf"--?{VERBOSE_FLAG}(=(true|t|1))?", a, re.IGNORECASE)
+                         for a in options))
+  if left:
+    return report(errors.UserError(f"unexpected arguments {left}: every option is --name=value "
+                                   f"(see {prog} --help)"), fv[VERBOSE_FLAG].value)
+  return call(main, fv, verbose=fv[VERBOSE_FLAG].value)
+
+
+def usage(fv: flags.FlagValues, prog: str, doc: str) -> str:
+  """--help's text: the doc, then one entry per flag (name, type, default, help)."""
+  lines = [f"usage: {prog} --name=value ...", "", doc.strip(), "", "flags:"]
+  for name in fv:
+    flag = fv[name]
+    if flag.name != name:  # a short alias
+      continue
+    kind = "bool" if flag.boolean else flag.flag_type()
+    if flag.boolean:
+      default = f"--{name} (default) / --no{name}" if flag.default else f"--no{name} (default)"
+    else:
+      default = "default none" if flag.default is None else f"default {flag.default!r}"
+    lines.append(f"  --{name}  {kind}, {default}{', required' if _required(fv, name) else ''}")
+    lines.append(f"      {' '.join(flag.help.split())}")
+  return "\n".join(lines)
+
+
+_HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
+
+
+def _required(fv: flags.FlagValues, name: str) -> bool:
+  """Whether define() marked it (flags.mark_flag_as_required: that validator's message)."""
+  return any(getattr(v, "message", None) == f"Flag --{name} must have a value other than None."
+             for v in fv[name].validators)
+
+
+def _parse_tool_flags(fv: flags.FlagValues, argv: list[str], rest: str | None) -> list[str]:
+  """fv(argv) -> the arguments left (appended to --REST when given); a mistake is a UserError."""
+  try:
+    left = fv(argv)[1:]
+  except flags.UnrecognizedFlagError as e:
+    raise errors.UserError(_unknown_flag(fv, e.flagname)) from e
+  except flags.Error as e:
+    message = " ".join(str(e).split()).removeprefix("flag ")
+    m = re.search(r"Flag --(\w+) must have a value other than None", message)
+    if m:
+      message = f"--{m.group(1)} is required: pass --{m.group(1)}=VALUE"
+    m = re.match(r"--(\w+)=(.*): \('Non-boolean argument to boolean flag'", message)
+    if m:
+      message = (f"--{m.group(1)}={m.group(2)}: a yes/no flag: --{m.group(1)}, "
+                 f"--no{m.group(1)} or --{m.group(1)}=true|false")
+    raise errors.UserError(message) from e
+  if rest is not None and left:
+    fv[rest].value = [*(fv[rest].value or []), *left]
+    return []
+  return left
+
+
+def _unknown_flag(fv: flags.FlagValues, name: str) -> str:
+  """`--NAME: no such flag` with the flag meant: _ for -, --noNAME for --no-NAME."""
+  names = [n for n in fv if fv[n].name == n]
+  spelt = name.replace("-", "_")
+  negated = re.sub(r"^no_", "", spelt)
+  if negated != spelt and negated in names and fv[negated].boolean:
+    hint = f"did you mean --no{negated} (or --{negated}=false)?"
+  elif spelt in names:
+    hint = f"did you mean --{spelt}? (names are spelt with _)"
+  else:
+    close = difflib.get_close_matches(spelt, names, n=1)
+    hint = (f"did you mean --{close[0]}?" if close
+            else "flags: " + ", ".join(f"--{n}" for n in names))
+  return f"--{name}: no such flag; {hint}"
 
 
 def run_absl(main: Callable[[list[str]], Any], *, config: flags.FlagHolder,

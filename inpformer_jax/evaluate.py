@@ -28,6 +28,7 @@ part on each, briefly), i.e. ~26 MB per device for those 6.6 M positives.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -40,12 +41,16 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from inpformer_jax import anomaly_map
+from inpformer_jax import checkpoint
 from inpformer_jax import metrics as metrics_lib
-from inpformer_jax import reports
 from inpformer_jax import settings
 from inpformer_jax import sharding
+from inpformer_jax import visuals
 from inpformer_jax.data import pipeline
 from inpformer_jax.data.records import Sample
+from inpformer_jax.deploy import calibration
+
+REPORT_FILES = "report_files"  # the report page's pictures, beside report.html
 
 
 def make_forward(model, config, mesh):
@@ -82,7 +87,7 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
     has_mask[key] = has_mask.get(key, True) and s.has_mask
   accs = {key: metrics_lib.MetricAccumulator(protocol=ec.protocol, gt_threshold=ec.gt_threshold)
           for key in has_mask}
-  overlays: dict[tuple[str, str], list] = {}
+  gallery = visuals.Gallery(ec.gallery_size) if ec.gallery_size else None
   n_rows, t0 = 0, time.time()
   for batch in tqdm.tqdm(batches, total=len(batches), desc=desc, disable=not is_main,
                          dynamic_ncols=True):
@@ -96,9 +101,11 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
       rows = np.flatnonzero(valid)[rows]
       labels = np.array([samples[i].label for i in index[rows]], np.int32)
       accs[key].add(maps[rows], masks[rows] if has_mask[key] else None, labels, scores[rows])
-      if ec.num_overlays:
-        _keep_overlays(overlays.setdefault(key, []), ec.num_overlays, batch, index, rows,
-                       maps, masks, scores, samples)
+      if gallery is not None:
+        picked = [samples[i] for i in index[rows]]
+        gallery.add(key, np.asarray(batch["image"])[rows],
+                    masks[rows] if has_mask[key] else None, maps[rows], scores[rows], labels,
+                    [_name(s) for s in picked], [s.defect for s in picked])
   logging.info("process %d/%d evaluated %d of %d test images in %.1fs", jax.process_index(),
                jax.process_count(), n_rows, len(samples), time.time() - t0)
   reduce = _ProcessGather() if jax.process_count() > 1 else None
@@ -108,11 +115,61 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
     # Metrics keep their info: reports read from it why pixel metrics are absent.
     results.setdefault(dataset, {})[category] = metrics_lib.Metrics(
         {k: float(v) for k, v in res.items()}, res.info)
+  if gallery is not None and reduce is not None:
+    gallery = _merged(gallery, list(accs), reduce)
   if not is_main:
     return {}
-  if workdir is not None and ec.num_overlays:
-    reports.save_overlays(overlays, Path(workdir) / "overlays")
+  calibrated = _calibration(workdir)
+  for (dataset, category), m in ((k, results[k[0]][k[1]]) for k in accs):
+    m.info["threshold"] = _f1_threshold(m.info)
+    if calibrated is not None:
+      m.info["calibrated"] = calibrated["image"]
+    if gallery is not None and workdir is not None and (dataset, category) in gallery.keys():
+      decide = m.info.get("calibrated") or m.info["threshold"]
+      pix = (calibrated or {}).get("pixel") or {}
+      scale = (pix["min"], pix["max"]) if "min" in pix and "max" in pix else None
+      m.info["gallery"] = gallery.write(
+          (dataset, category), Path(workdir) / REPORT_FILES / dataset / category,
+          decide and decide["threshold"], scale,
+          decided_by="calibrated" if m.info.get("calibrated") else "F1-optimal",
+          **({"scale_source": f"{checkpoint.CALIBRATION_FILE}'s pixel range"} if scale else {}))
   return results
+
+
+def _calibration(workdir) -> dict | None:
+  """WORKDIR/calibration.json (`deploy.calibrate`): its image threshold and pixel range then
+  decide the page's mistakes and colour scale."""
+  path = workdir and Path(workdir) / checkpoint.CALIBRATION_FILE
+  if not path or not path.is_file():
+    return None
+  cal = json.loads(path.read_text())
+  cal["image"] = dict(cal["image"], source=str(path))
+  return cal
+
+
+def _merged(gallery: visuals.Gallery, keys, reduce: "_ProcessGather") -> visuals.Gallery:
+  """The gallery of every process's kept images (each process keeps those of its own rows;
+  every process calls this with the same keys, in the same order)."""
+  merged = visuals.Gallery(gallery.k, gallery.tile)
+  for key in keys:
+    gathered = {name: reduce.gather(x) for name, x in gallery.export(key).items()}
+    for p in range(jax.process_count()):
+      merged.absorb(key, {name: parts[p] for name, parts in gathered.items()})
+  return merged
+
+
+def _f1_threshold(info: dict) -> dict | None:
+  """The F1-optimal image threshold of the class (`calibrate --val`'s rule), or None when
+  its test set holds one label only."""
+  labels = info["labels"]
+  if labels.all() or not labels.any():
+    return None
+  return calibration.f1_threshold(info["scores"], labels)
+
+
+def _name(s: Sample) -> str:
+  """What the gallery calls a test image: its defect folder and file name."""
+  return f"{s.defect}/{Path(s.image_path).name}"
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -164,16 +221,3 @@ def _group_rows(samples, index: np.ndarray) -> dict[tuple[str, str], np.ndarray]
     s = samples[int(i)]
     groups.setdefault((s.dataset, s.category), []).append(row)
   return {k: np.asarray(v) for k, v in groups.items()}
-
-
-def _keep_overlays(store, limit, batch, index, rows, maps, masks, scores, samples):
-  """Keeps the first `limit` anomalous images of a class (normal ones if it has none)."""
-  if jax.process_count() > 1:
-    return  # images are process-local; overlays come from single-process runs.
-  for r in rows:
-    if len(store) >= limit:
-      return
-    s = samples[int(index[r])]
-    store.append({"image": np.asarray(batch["image"][r]), "mask": masks[r], "map": maps[r],
-                  "score": float(scores[r]), "path": s.image_path, "label": s.label,
-                  "defect": s.defect})

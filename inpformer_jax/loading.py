@@ -120,8 +120,8 @@ def _load_converted(p: Path, kind: str, image_size, resize) -> Loaded:
 def _load_workdir(p: Path, image_size, resize) -> Loaded:
   config = run_config(p)
   if image_size and image_size != config.data.crop:
-    raise CheckpointError(f"--image-size {image_size}: the model in {p} was trained at "
-                          f"{config.data.crop}; drop --image-size for a training workdir")
+    raise CheckpointError(f"--image_size {image_size}: the model in {p} was trained at "
+                          f"{config.data.crop}; drop --image_size for a training workdir")
   model = factory.build_model(config.model)
   crop = config.data.crop
   state, step = trained_state(p, required=False)  # params, opt_state, step, rng as saved

@@ -21,6 +21,7 @@ import numpy as np
 OFFICIAL_NBINS = 200  # ader_evaluator: EvalAccumulatorCuda(..., nstrips=200)
 AUPRO_FPR_LIMIT = 0.3
 F1_EPS = 1e-7  # utils.f1_score_max: 2PR / (P + R + 1e-7)
+CURVE_POINTS = 200  # vertices of a plotted ROC / PR curve (reports)
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,6 +104,18 @@ def exact_f1max(r: Ranks) -> float:
   # next higher positive score and precision is lower, so the max lies at a positive score.
   precision, recall = _pr_at_positive_thresholds(r)
   return float(np.max(2 * precision * recall / (precision + recall + F1_EPS)))
+
+
+def curve_points(r: Ranks, max_points: int = CURVE_POINTS) -> dict:
+  """The ROC and PR curves for plotting: their vertices at the positive scores (exact),
+  thinned to at most `max_points` evenly spaced in rank, the ROC framed by (0, 0) and (1, 1).
+  -> {"roc": {"fpr", "tpr"}, "pr": {"recall", "precision"}} of float lists."""
+  precision, recall = _pr_at_positive_thresholds(r)
+  keep = np.unique(np.linspace(0, len(recall) - 1, min(max_points, len(recall))).round()
+                   ).astype(np.int64)
+  fpr = r.neg_ge[keep] / max(r.n_neg, 1)
+  return {"roc": {"fpr": [0.0, *fpr.tolist(), 1.0], "tpr": [0.0, *recall[keep].tolist(), 1.0]},
+          "pr": {"recall": recall[keep].tolist(), "precision": precision[keep].tolist()}}
 
 
 def _area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:

@@ -253,11 +253,16 @@ class MetricAccumulator:
     has_masks = bool(np.any(flags == 1))
     labels = merge.concat(np.concatenate(self._labels or [np.zeros(0, bool)]))
     scores = merge.concat(np.concatenate(self._scores or [np.zeros(0)]))
+    # Scores, labels and curves ride along for the report page (histograms, ROC and PR).
     info = {"protocol": self.protocol, "gt_threshold": self.gt_threshold,
-            "n_images": len(labels), "pixel_metrics": has_masks, "notes": []}
+            "n_images": len(labels), "pixel_metrics": has_masks, "notes": [],
+            "scores": scores, "labels": labels, "curves": {}}
     out = _image_metrics(labels, scores, self.protocol)
     if math.isnan(out["I-AUROC"]):
       info["notes"].append("image labels hold one class only: image metrics undefined")
+    else:
+      info["curves"]["image"] = C.curve_points(
+          C.ranks(np.sort(scores[labels]), np.sort(scores[~labels])))
     pix = {k: math.nan for k in PIXEL_METRICS}
     if has_masks:
       pix = self._pixel_metrics(info, merge)
@@ -292,10 +297,13 @@ class MetricAccumulator:
 
     if self.protocol == "exact":
       r = ranks(1.0 / area.astype(np.float64))
+      info["curves"]["pixel"] = C.curve_points(r)
       return {"P-AUROC": C.exact_auroc(r), "P-AP": C.exact_ap(r), "P-F1max": C.exact_f1max(r),
               "AUPRO": C.exact_aupro(r, n_regions)}
 
-    out = {"P-F1max": C.exact_f1max(ranks())}
+    r = ranks()
+    info["curves"]["pixel"] = C.curve_points(r)
+    out = {"P-F1max": C.exact_f1max(r)}
     if self.value_range is not None:
       lo, hi = (np.float32(v) for v in self.value_range)
     else:

@@ -1,9 +1,9 @@
-"""What a run writes for people: results.{json,md,csv}, overlays, train_metrics.jsonl.
+"""What a run writes for people: results.{json,md,csv}, report.html, train_metrics.jsonl.
 
   results.json  per dataset, per class, the seven metrics, the means, protocol and encoder
   results.md    the paper's per-class table (x100, one decimal) with the Mean row
   results.csv   one row per class and per dataset mean
-  overlays/     PNGs of image / GT / map (config.eval.num_overlays per class; `plots` extra)
+  report.html   the table, curves, histograms and gallery (`report_page`; report_files/)
   train_metrics.jsonl (+ tensorboard/ when tensorboardX is installed)  one row per log step
 """
 
@@ -17,11 +17,9 @@ import os
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from inpformer_jax import anomaly_map
 from inpformer_jax import metrics as metrics_lib
-from inpformer_jax.data import preprocess
+from inpformer_jax import report_page
 
 METRICS_FILE = "train_metrics.jsonl"
 
@@ -42,7 +40,7 @@ def with_means(results: dict[str, dict[str, dict]]) -> dict:
 
 def write_reports(results: dict[str, dict[str, dict]], workdir: str | os.PathLike,
                   info: dict) -> dict:
-  """Writes results.{json,md,csv} into `workdir`; returns the JSON object.
+  """Writes results.{json,md,csv} and report.html into `workdir`; returns the JSON object.
 
   info: what produced the numbers (setting, protocol, gt_threshold, encoder, step, ...).
   """
@@ -63,6 +61,7 @@ def write_reports(results: dict[str, dict[str, dict]], workdir: str | os.PathLik
   with open(tmp, "w", newline="") as f:
     csv.writer(f).writerows(rows)
   tmp.replace(workdir / "results.csv")
+  report_page.write_eval_page(workdir, report, results)
   return report
 
 
@@ -119,38 +118,6 @@ def _atomic_write(path: Path, text: str) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(text)
   tmp.replace(path)
-
-
-def save_overlays(overlays: dict, directory: Path) -> list[Path]:
-  """One PNG per kept image: input, ground truth, anomaly map over the input."""
-  # matplotlib is the optional `plots` extra, and importing it costs a second.
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  size = anomaly_map.MAP_SIZE
-  written = []
-  for (dataset, category), items in overlays.items():
-    out = directory / dataset / category
-    out.mkdir(parents=True, exist_ok=True)
-    for k, it in enumerate(items):
-      img = np.clip(it["image"] * preprocess.IMAGENET_STD + preprocess.IMAGENET_MEAN, 0, 1)
-      img = np.asarray(jax.image.resize(img, (size, size, 3), "linear"))
-      fig, ax = plt.subplots(1, 3, figsize=(9, 3.2))
-      ax[0].imshow(img)
-      ax[0].set_title(f"{it['defect']}")
-      ax[1].imshow(it["mask"], cmap="gray", vmin=0, vmax=1)
-      ax[1].set_title("ground truth")
-      ax[2].imshow(img)
-      ax[2].imshow(it["map"], cmap="jet", alpha=0.5)
-      ax[2].set_title(f"map, score {it['score']:.4f}")
-      for a in ax:
-        a.axis("off")
-      fig.tight_layout()
-      path = out / f"{k:02d}_{Path(it['path']).stem}.png"
-      fig.savefig(path, dpi=80)
-      plt.close(fig)
-      written.append(path)
-  return written
 
 
 # ---------------------------------------------------------------------------------------

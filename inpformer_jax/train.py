@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _report(results, workdir, info) -> dict:
   report = reports.write_reports(results, workdir, info)
   print(reports.markdown_table(report), flush=True)
-  print(f"reports: {workdir}/results.{{md,json,csv}}", flush=True)
+  print(f"reports: {workdir}/results.{{md,json,csv}}, {workdir}/report.html", flush=True)
   return report
 
 

@@ -3,9 +3,13 @@ a bug keeps its traceback; --verbose prints the traceback of a mistake too.
 
 Cheap: each entry point's main(argv) runs in-process and stops before any compilation; the
 absl flag parser runs on its own FlagValues; two subprocesses check `python -m
-inpformer_jax.main` itself (flag parsing only, a few seconds).
+inpformer_jax.main` itself (flag parsing only, a few seconds). Every tool parses with the one
+runner, cli.run_flags, and its flags are those of docs/cli.md's table.
 """
 
+import contextlib
+import io
+import re
 import shutil
 import subprocess
 import sys
@@ -19,11 +23,13 @@ from inpformer_jax import cli
 from inpformer_jax import errors
 from inpformer_jax import loading
 from inpformer_jax import train
+from inpformer_jax.data import demo
 from inpformer_jax.data import prepare
 from inpformer_jax.data import preprocess
 from inpformer_jax.deploy import calibrate
 from inpformer_jax.deploy import export
 from inpformer_jax.deploy import predict
+from inpformer_jax.reproduce import __main__ as reproduce
 from tests.conftest import REPO
 from tests.deploy.models import CROP, tiny  # noqa: F401 (fixture)
 from tests.runlocal import local_config, make_mvtec_like
@@ -32,6 +38,11 @@ from weights_conversion import convert_efficientnet_lite
 from weights_conversion import convert_inpformer
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.py")
+# Every command line but inpformer_jax.main, by its name in docs/cli.md's table.
+TOOLS = {"predict": predict, "calibrate": calibrate, "export": export, "prepare": prepare,
+         "demo": demo, "convert_dinov2": convert_dinov2,
+         "convert_efficientnet_lite": convert_efficientnet_lite,
+         "convert_inpformer": convert_inpformer, "reproduce": reproduce}
 
 
 def _error(capsys, lines: int | None = 1) -> str:
@@ -196,7 +207,7 @@ def test_more_shots_than_images(capsys, tmp_path):
       "fewer than config.few_shot.shots=4: pass --config.few_shot.shots=3 or add images")
 
 
-# --- the serving tools, prepare, the converters (argparse, cli.run) ------------------------
+# --- the serving tools, prepare, the converters (absl flags, cli.run_flags) ----------------
 
 @pytest.mark.parametrize("tool, extra", [(predict, ["--input", "x.png", "--output", "o"]),
                                          (calibrate, ["--normal", "good"]),
@@ -209,7 +220,7 @@ def test_unusable_checkpoint(tool, extra, capsys, tmp_path):
 def test_predict_on_a_folder_without_images(tiny, capsys, tmp_path):  # noqa: F811
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / "notes.txt").write_text("not an image")
-  assert predict.main(["--checkpoint", tiny, "--image-size", str(CROP), "--input",
+  assert predict.main(["--checkpoint", tiny, "--image_size", str(CROP), "--input",
                        str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2
   assert _error(capsys) == (f"error: --input {tmp_path / 'in'} holds no images (extensions "
                             f"read: {', '.join(preprocess.IMAGE_EXTENSIONS)})")
@@ -260,3 +271,57 @@ def test_verbose_prints_the_traceback_of_a_mistake(capsys, tmp_path):
 def test_report_keeps_continuation_lines_indented(capsys):
   assert cli.report(errors.UserError("first\nsecond\n  third")) == errors.EXIT_USER_ERROR
   assert capsys.readouterr().err == "error: first\n  second\n  third\n"
+
+
+# --- one command-line style: every tool through cli.run_flags, as docs/cli.md lists --------
+
+def _documented(name: str) -> set[str]:
+  """The flags docs/cli.md's table gives the command `name`."""
+  rows = re.findall(r"^\| ([\w, ]+) \| `(--[\w.]+)` \|", (REPO / "docs" / "cli.md").read_text(),
+                    re.M)
+  return {flag for commands, flag in rows
+          if name in commands.split(", ") or commands == "every command"}
+
+
+@pytest.mark.parametrize("name", sorted(TOOLS))
+def test_every_tool_parses_the_same_way(name, capsys):
+  tool = TOOLS[name]
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert tool.main(["--help"]) == 0
+  helped = set(re.findall(r"^  (--\w+)  ", out.getvalue(), re.M))
+  assert out.getvalue().startswith("usage: ") and helped == _documented(name), out.getvalue()
+  assert tool.main(["--no_such_flag=1"]) == 2
+  assert _error(capsys).startswith("error: --no_such_flag: no such flag; ")
+  assert tool.main(["--no-verbose"]) == 2  # an argparse-style negative
+  assert _error(capsys) == ("error: --no-verbose: no such flag; did you mean --noverbose (or "
+                            "--verbose=false)?")
+  underscored = sorted(f for f in helped if "_" in f)
+  if underscored:  # an argparse-style spelling
+    assert tool.main([underscored[0].replace("_", "-") + "=1"]) == 2
+    assert _error(capsys) == (f"error: {underscored[0].replace('_', '-')}: no such flag; did "
+                              f"you mean {underscored[0]}? (names are spelt with _)")
+
+
+def _echo(rest):
+  def define(fv):
+    flags.DEFINE_multi_string("input", None, "", flag_values=fv)
+    flags.DEFINE_integer("size", None, "", flag_values=fv)
+    flags.mark_flag_as_required("size", flag_values=fv)
+  got = []
+  def run(argv):
+    code = cli.run_flags(lambda fv: got.append(fv.input) or 0, define, argv, prog="t", doc="",
+                         rest=rest)
+    return code, got.pop() if got else None
+  return run
+
+
+def test_arguments_after_the_flags_are_more_inputs_only_where_the_tool_says(capsys):
+  assert _echo("input")(["--size", "1", "--input", "a", "b", "--input=c", "d"]) == (
+      0, ["a", "c", "b", "d"])
+  assert _echo(None)(["--size", "1", "--input", "a", "b"]) == (2, None)
+  assert _error(capsys) == ("error: unexpected arguments ['b']: every option is --name=value "
+                            "(see t --help)")
+  assert _echo(None)(["--input", "a"]) == (2, None)
+  assert _error(capsys) == "error: --size is required: pass --size=VALUE"
+  assert _echo(None)(["--size=x"]) == (2, None)
+  assert _error(capsys).startswith("error: --size=x: invalid literal for int()")

@@ -138,7 +138,7 @@ def test_training_workdir_is_loaded(tmp_path):
   _same_tree(loaded.params, params_lib.merge(encoder, trained))
   with pytest.raises(CheckpointError, match="neither a training workdir"):
     loading.load(tmp_path)
-  with pytest.raises(CheckpointError, match=f"--image-size 56: the model in .* at {crop}"):
+  with pytest.raises(CheckpointError, match=f"--image_size 56: the model in .* at {crop}"):
     loading.load(wd, image_size=56)
 
 

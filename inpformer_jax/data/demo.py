@@ -1,6 +1,6 @@
 """A small anomaly-detection dataset made from photographs that ship inside scikit-image.
 
-  python -m inpformer_jax.data.demo --out /tmp/inpformer_demo [--seed 0]
+  python -m inpformer_jax.data.demo --out /tmp/inpformer_demo [--seed 0] [--overwrite]
 
 writes, in MVTec AD layout (read it with `read_dataset('demo', root)`):
 
@@ -28,7 +28,6 @@ Everything derives from --seed; the same seed gives byte-identical files. No net
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -36,6 +35,7 @@ import shutil
 import sys
 import zlib
 
+from absl import flags
 import numpy as np
 import skimage.data
 from PIL import Image, ImageDraw
@@ -362,7 +362,7 @@ def make_demo_dataset(out_dir: str, seed: int = 0, *, classes=DEMO_CLASSES, size
   return manifest
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: flags.FlagValues) -> int:
   classes = tuple(c for c in args.classes.split(",") if c)
   manifest = make_demo_dataset(args.out, args.seed, classes=classes, size=args.size,
                                overwrite=args.overwrite)
@@ -372,15 +372,19 @@ def _main(args: argparse.Namespace) -> int:
   return 0
 
 
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("out", None, "output folder (MVTec layout)", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "every crop, defect and colour derives from it", flag_values=fv)
+  flags.DEFINE_integer("size", 256, "side of the square images", flag_values=fv)
+  flags.DEFINE_string("classes", ",".join(DEMO_CLASSES),
+                      f"comma-separated subset of {','.join(DEMO_CLASSES)}", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "replace existing class folders", flag_values=fv)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="output folder (MVTec layout)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--size", type=int, default=256, help="side of the square images")
-  parser.add_argument("--classes", default=",".join(DEMO_CLASSES),
-                      help=f"comma-separated subset of {','.join(DEMO_CLASSES)}")
-  parser.add_argument("--overwrite", action="store_true", help="replace existing class folders")
-  return cli.run(_main, parser, argv)
+  return cli.run_flags(_main, _define, argv, prog="python -m inpformer_jax.data.demo",
+                       doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ dataset) is one `error: ...` line and exit status 2; `--verbose` adds the traceb
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
+
+from absl import flags
 
 from inpformer_jax import cli
 from inpformer_jax import errors
@@ -26,29 +27,29 @@ from inpformer_jax.data import prepared
 from inpformer_jax.data import tfds_builders
 
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m inpformer_jax.data.prepare",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--dataset", required=True,
-                 help=f"a reader name ({', '.join(prepared.BUILDER_NAMES)}) or a builder "
-                 f"name ({', '.join(sorted(tfds_builders.BUILDERS))})")
-  p.add_argument("--manual_dir", required=True, help="the extracted dataset root")
-  p.add_argument("--data_dir", required=True, help="where the ArrayRecord shards are written")
-  p.add_argument("--resize", type=int, default=448,
-                 help="stored side; must equal the training config's data.resize")
-  p.add_argument("--encoding", default="png", choices=("png", "raw"),
-                 help="png: lossless, small; raw: uint8 bytes, no decode when reading")
-  p.add_argument("--categories", default="",
-                 help="comma-separated classes (default: all classes of the dataset)")
-  p.add_argument("--resolution", default=None,
-                 help="Real-IAD only: the image folder realiad_<resolution> (default 1024)")
-  p.add_argument("--views", default=None, help="Real-IAD only: e.g. C1,C3 (default: all 5)")
-  p.add_argument("--jsons", default=None,
-                 help="Real-IAD only: the split-JSON folder (default realiad_jsons)")
-  return p
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("dataset", None, f"a reader name ({', '.join(prepared.BUILDER_NAMES)}) "
+                      f"or a builder name ({', '.join(sorted(tfds_builders.BUILDERS))})",
+                      flag_values=fv)
+  flags.DEFINE_string("manual_dir", None, "the extracted dataset root", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "where the ArrayRecord shards are written",
+                      flag_values=fv)
+  flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"], flag_values=fv)
+  flags.DEFINE_integer("resize", 448, "stored side; must equal the training config's "
+                       "data.resize", flag_values=fv)
+  flags.DEFINE_enum("encoding", "png", ("png", "raw"), "png: lossless, small; raw: uint8 "
+                    "bytes, no decode when reading", flag_values=fv)
+  flags.DEFINE_string("categories", "", "comma-separated classes (default: all classes of the "
+                      "dataset)", flag_values=fv)
+  flags.DEFINE_string("resolution", None, "Real-IAD only: the image folder "
+                      "realiad_<resolution> (default 1024)", flag_values=fv)
+  flags.DEFINE_string("views", None, "Real-IAD only: e.g. C1,C3 (default: all 5)",
+                      flag_values=fv)
+  flags.DEFINE_string("jsons", None, "Real-IAD only: the split-JSON folder (default "
+                      "realiad_jsons)", flag_values=fv)
 
 
-def prepare(args: argparse.Namespace) -> str:
+def prepare(args: flags.FlagValues) -> str:
   """Writes the shards `args` ask for -> their build directory."""
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   cls = tfds_builders.builder_class(args.dataset)
@@ -70,13 +71,14 @@ def prepare(args: argparse.Namespace) -> str:
   return path
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: flags.FlagValues) -> int:
   prepare(args)
   return 0
 
 
 def main(argv=None) -> int:
-  return cli.run(_main, parser(), argv)
+  return cli.run_flags(_main, _define, argv, prog="python -m inpformer_jax.data.prepare",
+                       doc=__doc__)
 
 
 if __name__ == "__main__":

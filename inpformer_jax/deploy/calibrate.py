@@ -5,6 +5,9 @@ r"""Writes calibration.json (decision thresholds) beside a checkpoint.
   # labelled validation images in MVTec layout (a class folder or a dataset root), F1-optimal:
   python -m inpformer_jax.deploy.calibrate --checkpoint demo_workdir --val demo_data/brick
 
+--normal is repeatable (a folder, an image or a quoted glob); the arguments after the flags
+are more --normal images, so an unquoted `--normal good/*.png` works too.
+
 The definitions (strict "score > threshold", the exact quantile, the F1 candidates) are in
 `deploy/calibration.py`. `python -m inpformer_jax.deploy.predict --threshold auto` (the
 default) then reads the file. Exit status 2 when some images could not be read (they are
@@ -19,7 +22,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
+from absl import flags as absl_flags
 import numpy as np
 
 from inpformer_jax import anomaly_map
@@ -37,17 +42,22 @@ def _val_samples(root: str):
   return readers.read_folder(root, None, "test")
 
 
-def calibrate(loaded: Loaded, *, normal: str | None = None, val: str | None = None,
+def calibrate(loaded: Loaded, *, normal: str | Sequence[str] | None = None,
+              val: str | None = None,
               fpr: float = 0.01, pixel_fpr: float | None = None, gt_threshold: float = 0.5,
               batch_size: int = 8, output: str | None = None, progress: bool = True
               ) -> tuple[dict, list]:
-  """Runs the model on the calibration images and writes calibration.json. -> (cal, failed)."""
-  if (normal is None) == (val is None):
+  """Runs the model on the calibration images and writes calibration.json. -> (cal, failed).
+
+  normal: a folder, file or glob, or several.
+  """
+  normals = [normal] if isinstance(normal, str) else list(normal or [])
+  if bool(normals) == (val is not None):
     raise flags.FlagError("pass exactly one of --normal DIR and --val DIR")
-  if normal is not None:
-    files, unmatched = expand_inputs([normal])
+  if normals:
+    files, unmatched = expand_inputs(normals)
     if unmatched or not files:
-      raise flags.FlagError(no_images_message([normal], "--normal"))
+      raise flags.FlagError(no_images_message(unmatched or normals, "--normal"))
     samples = None
   else:
     samples = _val_samples(val)
@@ -75,7 +85,9 @@ def calibrate(loaded: Loaded, *, normal: str | None = None, val: str | None = No
     cal = calibration.calibrate_labelled(scores, labels, maps, masks, gt_threshold=gt_threshold)
   info = loaded.describe()
   cal.update({
-      "source": os.path.abspath(normal or val), "n_images": len(ok), "n_failed": len(failed),
+      "source": (os.path.abspath(val) if val is not None else os.path.abspath(normals[0])
+                 if len(normals) == 1 else [os.path.abspath(n) for n in normals]),
+      "n_images": len(ok), "n_failed": len(failed),
       "checkpoint": info["path"], "checkpoint_id": info["checkpoint_id"], "step": info["step"],
       "image_size": info["image_size"], "resize": info["resize"], "map_kind": info["map_kind"],
       "top_ratio": info["top_ratio"], "decision_rule": "anomalous if score > threshold",
@@ -93,7 +105,7 @@ def calibrate(loaded: Loaded, *, normal: str | None = None, val: str | None = No
 def _main(a) -> int:
   cal, failed = calibrate(flags.load(a), normal=a.normal, val=a.val, fpr=a.fpr,
                           pixel_fpr=a.pixel_fpr, gt_threshold=a.gt_threshold,
-                          batch_size=a.batch_size, output=a.output, progress=not a.no_progress)
+                          batch_size=a.batch_size, output=a.output, progress=a.progress)
   pix = cal.get("pixel", {}).get("threshold")
   print(f"{cal['method']} on {cal['n_images']} images: image threshold "
         f"{cal['image']['threshold']:.6g}" + (f", pixel threshold {pix:.6g}" if pix else "")
@@ -103,16 +115,23 @@ def _main(a) -> int:
   return 2 if failed else 0
 
 
+def _define(fv: absl_flags.FlagValues) -> None:
+  absl_flags.DEFINE_multi_string(
+      "normal", None, "held-out normal images (folder, file or glob); or --val",
+      flag_values=fv)
+  absl_flags.DEFINE_string("val", None, "labelled validation images, MVTec layout; or --normal",
+                           flag_values=fv)
+  absl_flags.DEFINE_float("fpr", 0.01, "target image false-positive rate", flag_values=fv)
+  absl_flags.DEFINE_float("pixel_fpr", None, "target pixel false-positive rate (default: --fpr)",
+                          flag_values=fv)
+  absl_flags.DEFINE_float("gt_threshold", 0.5, "mask > this is a defect (--val)", flag_values=fv)
+  absl_flags.DEFINE_string("output", None, "calibration.json to write (default: beside the "
+                           "checkpoint)", flag_values=fv)
+
+
 def main(argv=None) -> int:
-  ap = flags.parser("inpformer_jax.deploy.calibrate", __doc__)
-  g = ap.add_mutually_exclusive_group(required=True)
-  g.add_argument("--normal", help="folder of held-out normal images")
-  g.add_argument("--val", help="labelled validation images, MVTec layout")
-  ap.add_argument("--fpr", type=float, default=0.01, help="target image false-positive rate")
-  ap.add_argument("--pixel-fpr", type=float, default=None, help="default: --fpr")
-  ap.add_argument("--gt-threshold", type=float, default=0.5, help="mask > this is a defect")
-  ap.add_argument("--output", default=None, help="default: beside the checkpoint")
-  return flags.run(_main, ap, argv)
+  return flags.run(_main, _define, argv, prog="inpformer_jax.deploy.calibrate", doc=__doc__,
+                   rest="normal")
 
 
 if __name__ == "__main__":

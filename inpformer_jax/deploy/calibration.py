@@ -43,7 +43,7 @@ def fpr_threshold(normal_scores, fpr: float) -> dict:
     raise CalibrationError("no normal scores to calibrate on")
   if not 0 <= fpr < 1:
     raise CalibrationError(f"fpr={fpr}: choose a target false-positive rate in [0, 1) "
-                           "(--fpr / --pixel-fpr)")
+                           "(--fpr / --pixel_fpr)")
   # floor with a little slack so that e.g. 0.01 * 300 = 3.0000000000000004 -> 3.
   k = min(int(math.floor(fpr * n + 1e-9)), n - 1)
   t = s[n - k - 1]

@@ -27,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+from absl import flags as absl_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,13 +145,17 @@ def _main(a) -> int:
   return 0
 
 
+def _define(fv: absl_flags.FlagValues) -> None:
+  absl_flags.DEFINE_string("output", None, "folder to write", flag_values=fv)
+  absl_flags.mark_flag_as_required("output", flag_values=fv)
+  absl_flags.DEFINE_string("platforms", "cpu,cuda",
+                           f"comma-separated, of {','.join(PLATFORMS)}", flag_values=fv)
+  absl_flags.DEFINE_bool("check", False, "run the exported and the live model on 2 random "
+                         "inputs and compare (exit 3 if they differ)", flag_values=fv)
+
+
 def main(argv=None) -> int:
-  ap = flags.parser("inpformer_jax.deploy.export", __doc__)
-  ap.add_argument("--output", required=True)
-  ap.add_argument("--platforms", default="cpu,cuda", help="comma-separated: cpu, cuda, tpu")
-  ap.add_argument("--check", action="store_true",
-                  help="run the exported and the live model on 2 random inputs and compare")
-  return flags.run(_main, ap, argv)
+  return flags.run(_main, _define, argv, prog="inpformer_jax.deploy.export", doc=__doc__)
 
 
 if __name__ == "__main__":

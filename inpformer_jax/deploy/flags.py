@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable
+
+from absl import flags as absl_flags
 
 from inpformer_jax import cli
 from inpformer_jax import errors
@@ -14,31 +15,37 @@ class FlagError(errors.UserError, ValueError):
   """A serving flag whose value cannot work; the message names the flag and the fix."""
 
 
-def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-  """An ArgumentParser with the shared model flags."""
-  ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True,
-                  help="training workdir, converted params dir or official model.pth")
-  ap.add_argument("--image-size", type=int, default=None,
-                  help="crop side (default: the checkpoint's config, or 392)")
-  ap.add_argument("--resize", type=int, default=None,
-                  help="resize side before the crop (default: config, or 448)")
-  ap.add_argument("--zero-shot", action="store_true",
-                  help="map = distance to the nearest INP (the zero-shot setting)")
-  ap.add_argument("--calibration", default=None,
-                  help="a calibration.json elsewhere (default: beside the checkpoint)")
-  ap.add_argument("--batch-size", type=int, default=8)
-  ap.add_argument("--no-progress", action="store_true")
-  return ap
+def define(fv: absl_flags.FlagValues) -> None:
+  """The shared model flags, on the FlagValues of one command line (`cli.run_flags`)."""
+  absl_flags.DEFINE_string("checkpoint", None,
+                           "training workdir, converted params dir or official model.pth",
+                           flag_values=fv)
+  absl_flags.mark_flag_as_required("checkpoint", flag_values=fv)
+  absl_flags.DEFINE_integer("image_size", None,
+                            "crop side (default: the checkpoint's config, or 392)", flag_values=fv)
+  absl_flags.DEFINE_integer("resize", None, "resize side before the crop (default: config, or 448)",
+                            flag_values=fv)
+  absl_flags.DEFINE_bool("zero_shot", False,
+                         "map = distance to the nearest INP (the zero-shot setting)",
+                         flag_values=fv)
+  absl_flags.DEFINE_string("calibration", None,
+                           "a calibration.json elsewhere (default: beside the checkpoint)",
+                           flag_values=fv)
+  absl_flags.DEFINE_integer("batch_size", 8, "images per forward pass", flag_values=fv)
+  absl_flags.DEFINE_bool("progress", True, "a progress bar on stderr (--noprogress: none)",
+                         flag_values=fv)
 
 
-def load(args: argparse.Namespace) -> loading.Loaded:
-  return loading.load(args.checkpoint, image_size=args.image_size, resize=args.resize,
-                      zero_shot=args.zero_shot, calibration=args.calibration)
+def load(a: absl_flags.FlagValues) -> loading.Loaded:
+  return loading.load(a.checkpoint, image_size=a.image_size, resize=a.resize,
+                      zero_shot=a.zero_shot, calibration=a.calibration)
 
 
-def run(main: Callable[[argparse.Namespace], int], ap: argparse.ArgumentParser,
-        argv=None) -> int:
-  """Parses argv and returns main(args); a user mistake is one `error:` line, exit status 2."""
-  return cli.run(main, ap, argv)
+def run(main: Callable[[absl_flags.FlagValues], int],
+        define_tool: Callable[[absl_flags.FlagValues], None], argv=None, *, prog: str, doc: str,
+        rest: str | None = None) -> int:
+  """A serving command line: the shared flags, then the tool's (`cli.run_flags`)."""
+  def define_all(fv):
+    define(fv)
+    define_tool(fv)
+  return cli.run_flags(main, define_all, argv, prog=f"python -m {prog}", doc=doc, rest=rest)

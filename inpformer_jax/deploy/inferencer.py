@@ -47,7 +47,7 @@ class Inferencer:
 
   def __init__(self, loaded: Loaded, *, batch_size: int = 8):
     if batch_size <= 0:
-      raise flags.FlagError(f"--batch-size {batch_size}: must be positive")
+      raise flags.FlagError(f"--batch_size {batch_size}: must be positive")
     self.loaded, self.batch_size = loaded, batch_size
     self.params = jax.device_put(loaded.params)
     self._fn = anomaly_map.jit_maps_and_scores(loaded.model, **loaded.scoring)

@@ -3,14 +3,20 @@ r"""Anomaly scores, maps, overlays and pass/fail decisions for new images.
   python -m inpformer_jax.deploy.predict --checkpoint demo_workdir \
       --input demo_data/brick/test --output predictions/
 
+--input is repeatable and takes an image file, a folder or a quoted glob ("dir/*.png"); the
+arguments after the flags are more inputs, so an unquoted `--input dir/*.png` works too.
+
 --checkpoint is a training workdir of ours (its latest checkpoint + config.json), a converted
 params dir (`weights_conversion/convert_inpformer.py`) or an official `model.pth`. Images go
 through exactly the evaluation preprocessing and forward (`deploy.inferencer`). Per image
 OUTPUT gets:
   maps/<relative path>.npy          float32 (256, 256) smoothed anomaly map, or
   maps/<relative path>.png          16-bit PNG: map = png * map_scale / 65535 (map_scale in the CSV)
-  overlays/<relative path>.png      the map (jet) over the centre-cropped input image
-plus predictions.csv and predictions.jsonl (path, score, decision, map file, map_scale, ...).
+  overlays/<relative path>.png      the map (jet) over the centre-cropped input image, every
+                                    map on one scale: calibration.json's pixel range, else
+                                    the range of all this run's maps
+plus predictions.csv and predictions.jsonl (path, score, decision, map file, map_scale, ...)
+and report.html (the images by score, the most and least anomalous, the score histogram).
 The decision is "anomalous" when score > threshold; the threshold is --threshold FLOAT, or
 (--threshold auto, the default) the image threshold of the checkpoint's calibration.json
 (`python -m inpformer_jax.deploy.calibrate`); without one no decision is written.
@@ -24,16 +30,21 @@ stops the run: one `error: ...` line (a flag, the checkpoint, inputs without any
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from absl import flags as absl_flags
 import numpy as np
 from PIL import Image
 
+from inpformer_jax import report_page
+from inpformer_jax import visuals
 from inpformer_jax.data import preprocess
 from inpformer_jax.deploy import calibration as calib_lib
 from inpformer_jax.deploy import flags
@@ -42,27 +53,7 @@ from inpformer_jax.deploy.inferencer import (Inferencer, expand_inputs, no_image
 from inpformer_jax.loading import Loaded, warn
 
 MAP_FORMATS = ("npy", "png16")
-
-
-def jet(x: np.ndarray) -> np.ndarray:
-  """x in [0, 1] (H, W) -> uint8 RGB (H, W, 3), matplotlib's 'jet' (piecewise linear)."""
-  x = np.clip(x, 0.0, 1.0)
-  r = np.clip(np.minimum(4 * x - 1.5, -4 * x + 4.5), 0, 1)
-  g = np.clip(np.minimum(4 * x - 0.5, -4 * x + 3.5), 0, 1)
-  b = np.clip(np.minimum(4 * x + 0.5, -4 * x + 2.5), 0, 1)
-  return (np.stack([r, g, b], -1) * 255 + 0.5).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
-            alpha: float = 0.5) -> np.ndarray:
-  """Normalised input (S, S, 3) + map (256, 256) -> uint8 RGB (S, S, 3): the map resized
-  (PIL bilinear) onto the centre-cropped input and blended with jet colours."""
-  s = image.shape[0]
-  rgb = np.clip(image * preprocess.IMAGENET_STD + preprocess.IMAGENET_MEAN, 0, 1) * 255
-  m = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(
-      (s, s), Image.Resampling.BILINEAR))
-  colours = jet((m - vmin) / max(vmax - vmin, 1e-12)).astype(np.float32)
-  return (rgb * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+OVERLAY_WORKERS = 4  # threads drawing overlays (PIL releases the GIL)
 
 
 def save_map(amap: np.ndarray, path_stem: Path, fmt: str) -> tuple[str, float | None]:
@@ -96,7 +87,7 @@ def predict(loaded: Loaded, inputs: Sequence[str], output: str, *, batch_size: i
   """Scores `inputs` and writes OUTPUT; -> {"rows", "failed": [(path, error)], "info",
   "threshold", "compilations"}."""
   if map_format not in MAP_FORMATS:
-    raise flags.FlagError(f"--map-format {map_format!r}: one of {MAP_FORMATS}")
+    raise flags.FlagError(f"--map_format {map_format!r}: one of {MAP_FORMATS}")
   files, unmatched = expand_inputs(inputs)
   if not files:
     raise flags.FlagError(no_images_message(unmatched, "--input"))
@@ -112,7 +103,7 @@ def predict(loaded: Loaded, inputs: Sequence[str], output: str, *, batch_size: i
   inferencer = Inferencer(loaded, batch_size=batch_size)
   cal = loaded.calibration or {}
   pix = cal.get("pixel") or {}
-  rows = []
+  rows, low = [], math.inf
   for r in inferencer.run(files, progress=progress):
     if r.error is not None:
       failed.append((r.path, r.error))
@@ -130,18 +121,51 @@ def predict(loaded: Loaded, inputs: Sequence[str], output: str, *, batch_size: i
       row["decision"] = "anomalous" if r.score > thr else "normal"
     if pix.get("threshold") is not None:
       row["anomalous_pixel_fraction"] = float(np.mean(r.anomaly_map > pix["threshold"]))
-    if overlays:
-      lo, hi = ((pix["min"], pix["max"]) if "min" in pix and "max" in pix
-                else (float(r.anomaly_map.min()), float(r.anomaly_map.max())))
-      ov = out / "overlays" / stem.with_name(stem.name + ".png")
-      ov.parent.mkdir(parents=True, exist_ok=True)
-      Image.fromarray(overlay(r.image, r.anomaly_map, lo, hi)).save(ov)
-      row["overlay_file"] = os.path.relpath(ov, out)
+    low = min(low, float(r.anomaly_map.min()))
     rows.append(row)
+  scale, scale_source = _overlay_scale(pix, low, max((r["map_max"] for r in rows), default=0.0))
+  if overlays and rows:
+    _write_overlays(loaded, out, rows, {r["path"]: out_stem[r["path"]] for r in rows}, scale)
   info = loaded.describe()
   _write_tables(out, rows, failed, info, thr)
+  report_page.write_predict_page(
+      out, rows, info, thr, _threshold_source(threshold, thr),
+      scale if overlays and rows else None, scale_source)
   return {"rows": rows, "failed": failed, "info": info, "threshold": thr,
-          "compilations": inferencer.compilations()}
+          "compilations": inferencer.compilations(), "scale": scale}
+
+
+def _overlay_scale(pix: dict, low: float, high: float) -> tuple[tuple[float, float], str]:
+  """One colour scale for every overlay of the run: the calibration's pixel range, else the
+  range of all the run's maps (never each map's own)."""
+  if "min" in pix and "max" in pix:
+    return (float(pix["min"]), float(pix["max"])), "calibration.json's pixel range"
+  return (low, high), "the range of this run's maps; calibrate for a fixed one"
+
+
+def _write_overlays(loaded: Loaded, out: Path, rows, stems, scale) -> None:
+  """overlays/<name>.png on `scale`, once every map is known: the input is read again (the
+  same preprocessing) and the map from the file just written."""
+  prep = loaded.preprocessing
+
+  def draw(row):
+    amap = (np.load(out / row["map_file"]) if row["map_scale"] is None
+            else read_png16_map(out / row["map_file"], row["map_scale"]))
+    stem = stems[row["path"]]
+    ov = out / "overlays" / stem.with_name(stem.name + ".png")
+    ov.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(visuals.overlay(prep.image(row["path"]), amap, *scale)).save(ov)
+    return os.path.relpath(ov, out)
+
+  with concurrent.futures.ThreadPoolExecutor(OVERLAY_WORKERS) as pool:
+    for row, file in zip(rows, pool.map(draw, rows)):
+      row["overlay_file"] = file
+
+
+def _threshold_source(asked, thr) -> str:
+  if thr is None:
+    return "no calibration.json: calibrate, or pass --threshold" if asked == "auto" else "none"
+  return "calibration.json" if asked == "auto" else "--threshold"
 
 
 def _resolve_threshold(threshold, loaded: Loaded) -> float | None:
@@ -177,11 +201,13 @@ def _write_tables(out: Path, rows, failed, info, thr) -> None:
 
 
 def _main(a) -> int:
+  if not a.input:
+    raise flags.FlagError("--input is required: pass --input=FILE, FOLDER or GLOB (repeatable)")
   res = predict(flags.load(a), a.input, a.output, batch_size=a.batch_size,
-                threshold=a.threshold, map_format=a.map_format, overlays=not a.no_overlays,
-                progress=not a.no_progress)
+                threshold=a.threshold, map_format=a.map_format, overlays=a.overlays,
+                progress=a.progress)
   n_dec = sum(r.get("decision") == "anomalous" for r in res["rows"])
-  print(f"{len(res['rows'])} images -> {a.output}/predictions.csv"
+  print(f"{len(res['rows'])} images -> {a.output}/predictions.csv, {a.output}/report.html"
         + (f"; {n_dec} anomalous at threshold {res['threshold']:.6g}"
            if res["threshold"] is not None else ""))
   if res["failed"]:
@@ -192,15 +218,21 @@ def _main(a) -> int:
   return 0
 
 
+def _define(fv: absl_flags.FlagValues) -> None:
+  absl_flags.DEFINE_multi_string(
+      "input", None, "image file, folder or glob; the arguments after the flags are more "
+      "inputs", flag_values=fv)
+  absl_flags.DEFINE_string("output", None, "output folder", flag_values=fv)
+  absl_flags.mark_flag_as_required("output", flag_values=fv)
+  absl_flags.DEFINE_string("threshold", "auto",
+                           "'auto' (calibration.json if any), 'none' or a number", flag_values=fv)
+  absl_flags.DEFINE_enum("map_format", "npy", MAP_FORMATS, "anomaly map files", flag_values=fv)
+  absl_flags.DEFINE_bool("overlays", True, "overlay PNGs (--nooverlays: none)", flag_values=fv)
+
+
 def main(argv=None) -> int:
-  ap = flags.parser("inpformer_jax.deploy.predict", __doc__)
-  ap.add_argument("--input", required=True, nargs="+", help="image files, folders or globs")
-  ap.add_argument("--output", required=True, help="output folder")
-  ap.add_argument("--threshold", default="auto",
-                  help="'auto' (calibration.json if any), 'none' or a number")
-  ap.add_argument("--map-format", choices=MAP_FORMATS, default="npy")
-  ap.add_argument("--no-overlays", action="store_true")
-  return flags.run(_main, ap, argv)
+  return flags.run(_main, _define, argv, prog="inpformer_jax.deploy.predict", doc=__doc__,
+                   rest="input")
 
 
 if __name__ == "__main__":

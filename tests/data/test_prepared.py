@@ -3,6 +3,7 @@ builds, and a joint MVTec + Real-IAD run from records equal to the same run from
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -76,15 +77,16 @@ def test_records_give_the_files_samples_and_pixels(roots, tfds_dir):
   np.testing.assert_array_equal(a.images, b.images)
 
 
-def test_every_reader_has_a_builder_and_a_manifest(roots, tfds_dir, tmp_path):
+def test_every_reader_has_a_builder_and_a_manifest(roots, tfds_dir, tmp_path, capsys):
   assert set(prepared.BUILDER_NAMES) == set(readers.READERS)
   assert sorted(tfds_builders.BUILDERS) == sorted(prepared.BUILDER_NAMES.values())
   for name in readers.READERS:
     assert tfds_builders.builder_class(name).READER == name
   # An own MVTec-layout folder through the generic builder.
-  path = prepare.prepare(prepare.parser().parse_args(
-      ["--dataset", "folder", "--manual_dir", roots["mvtec"], "--data_dir", str(tmp_path),
-       "--resize", str(RESIZE), "--categories", "zipper"]))
+  capsys.readouterr()
+  assert prepare.main(["--dataset", "folder", "--manual_dir", roots["mvtec"], "--data_dir",
+                       str(tmp_path), "--resize", str(RESIZE), "--categories", "zipper"]) == 0
+  path = re.search(r"^prepared \S+ at (\S+) in ", capsys.readouterr().out, re.M).group(1)
   manifest = json.loads(open(f"{path}/{prepared.MANIFEST}").read())
   assert manifest["reader"] == "folder" and manifest["categories"] == ["zipper"]
   assert manifest["num_records"] == {"train": 4, "test": 4} and manifest["subset"]

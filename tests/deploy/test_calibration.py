@@ -60,7 +60,7 @@ def test_f1_threshold_matches_metrics_f1max():
 def test_calibrate_cli_and_auto_threshold(tiny, loaded, demo_data, tmp_path):
   ckpt = str(tmp_path / "ckpt")
   shutil.copytree(tiny, ckpt)
-  flags = ["--image-size", str(CROP), "--batch-size", "4", "--no-progress"]
+  flags = ["--image_size", str(CROP), "--batch_size", "4", "--noprogress"]
   code = calibrate_cli.main(["--checkpoint", ckpt, "--normal", os.path.join(demo_data, "train"),
                              "--fpr", "0.25", *flags])
   assert code == 0

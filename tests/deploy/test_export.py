@@ -27,7 +27,7 @@ def cli_export(tiny, tmp_path_factory):
   out = tmp_path_factory.mktemp("export") / "exported"
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
-    code = export.main(["--checkpoint", tiny, "--image-size", str(CROP), "--output", str(out),
+    code = export.main(["--checkpoint", tiny, "--image_size", str(CROP), "--output", str(out),
                         "--platforms", "cpu", "--check"])
   return code, stdout.getvalue(), out
 

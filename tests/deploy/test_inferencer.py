@@ -45,7 +45,7 @@ def test_short_batches_are_padded_into_one_compilation(loaded):
   for n in (0, 5):
     with pytest.raises(ValueError, match=f"got {n} images for a batch of 4"):
       inferencer(np.zeros((n, models.CROP, models.CROP, 3), np.float32))
-  with pytest.raises(ValueError, match="--batch-size 0"):
+  with pytest.raises(ValueError, match="--batch_size 0"):
     Inferencer(loaded, batch_size=0)
 
 

@@ -8,7 +8,9 @@ import shutil
 import numpy as np
 from PIL import Image
 
+from inpformer_jax import visuals
 from inpformer_jax.deploy import predict
+from tests import browser
 from tests.deploy import models
 from tests.deploy.models import demo_data, loaded, tiny  # noqa: F401 (fixtures)
 
@@ -22,7 +24,7 @@ def _rows(out):
 
 def _main(tiny, inputs, out, *extra):
   return predict.main(["--checkpoint", tiny, "--input", *inputs, "--output", out,
-                       "--image-size", str(CROP), "--batch-size", "4", "--no-progress", *extra])
+                       "--image_size", str(CROP), "--batch_size", "4", "--noprogress", *extra])
 
 
 def test_predict_folder_end_to_end(loaded, demo_data, tmp_path):
@@ -47,12 +49,26 @@ def test_predict_folder_end_to_end(loaded, demo_data, tmp_path):
   assert len({r["map_file"] for r in rows.values()}) == 5
   lines = [json.loads(x) for x in open(os.path.join(out, "predictions.jsonl"))]
   assert sorted(x["path"] for x in lines) == files
+  # Every overlay on one colour scale (no calibration): the range of all the run's maps.
+  all_maps = [np.load(os.path.join(out, r["map_file"])) for r in rows.values()]
+  assert res["scale"] == (min(m.min() for m in all_maps), max(m.max() for m in all_maps))
+  for r in rows.values():  # drawn on that scale, not on each map's own range
+    want = visuals.overlay(loaded.preprocessing.image(r["path"]),
+                           np.load(os.path.join(out, r["map_file"])), *res["scale"])
+    np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(out, r["overlay_file"]))),
+                                  want)
+  # report.html as a browser shows it: every image, most anomalous first, all decoded.
+  page = browser.render(os.path.join(out, "report.html"))
+  ranked = sorted(res["rows"], key=lambda r: -r["score"])
+  assert [i["src"] for i in page["images"] if i["src"].startswith("overlays/")] == [
+      r["overlay_file"] for r in ranked]
+  assert all(i["loaded"] for i in page["images"]) and "5 images; threshold: 0.5" in page["text"]
 
 
 def test_png16_maps_record_their_scale(tiny, loaded, demo_data, tmp_path):
   out = str(tmp_path / "pred")
   f = os.path.join(demo_data, "test", "good", "000.png")
-  assert _main(tiny, [f], out, "--map-format", "png16") == 0
+  assert _main(tiny, [f], out, "--map_format", "png16") == 0
   (r,) = _rows(out)
   png = os.path.join(out, r["map_file"])
   assert Image.open(png).mode.startswith("I;16")
