@@ -272,7 +272,7 @@ def describe(planned: list[Planned], rates: dict, tables: list[str]) -> str:
   for key in sorted({p.rate_key for p in planned}):
     r = rates.get(key)
     what = (f"{r['steps_per_sec']:.3g} steps/s ({r.get('what', 'from file')})" if r
-            else "none (not in the rates file)")
+            else "none (not measured, not in --rates)")
     lines.append(f"rate {key}: {what}")
   how = sorted({p.counted for p in planned})
   lines.append(f"images: from {' and '.join(how)}; eval estimated as {EVAL_STEP_FRACTION} train "

@@ -42,7 +42,7 @@ def test_dry_run_all_tables_with_rates_from_a_file(tmp_path, capsys):
   line = next(l for l in out.splitlines() if l.startswith("mvtec_multi_class_vit_base_R448-C392"))
   assert line.split()[1:4] == ["45200", "3629", "1725"]
   assert f"{(45200 + 0.5 * 108) / 4 / 3600:.1f}h" in line  # 108 test batches of 16
-  assert "large_14 float32 crop 392 batch 16 on cpu x1: none (not in the rates file)" in out
+  assert "large_14 float32 crop 392 batch 16 on cpu x1: none (not measured, not in --rates)" in out
   total = out.splitlines()[-1]
   assert total.startswith("all of S1-S17 on this machine: ") and "(1 runs without a rate)" in total
   assert "24 runs" in total and not (tmp_path / "w").exists()  # nothing written
