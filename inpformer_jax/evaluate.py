@@ -28,7 +28,6 @@ part on each, briefly), i.e. ~26 MB per device for those 6.6 M positives.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -43,14 +42,13 @@ from jax.experimental import multihost_utils
 from inpformer_jax import anomaly_map
 from inpformer_jax import checkpoint
 from inpformer_jax import metrics as metrics_lib
+from inpformer_jax import report_page
 from inpformer_jax import settings
 from inpformer_jax import sharding
 from inpformer_jax import visuals
 from inpformer_jax.data import pipeline
 from inpformer_jax.data.records import Sample
 from inpformer_jax.deploy import calibration
-
-REPORT_FILES = "report_files"  # the report page's pictures, beside report.html
 
 
 def make_forward(model, config, mesh):
@@ -119,32 +117,23 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
     gallery = _merged(gallery, list(accs), reduce)
   if not is_main:
     return {}
-  calibrated = _calibration(workdir)
+  # WORKDIR/calibration.json (`deploy.calibrate`): its image threshold and pixel range then
+  # decide the page's mistakes and colour scale.
+  cal_path = workdir and checkpoint.calibration_path(workdir)
+  calibrated = cal_path and checkpoint.read_calibration(cal_path)
+  scale = calibration.pixel_range(calibrated)
   for (dataset, category), m in ((k, results[k[0]][k[1]]) for k in accs):
     m.info["threshold"] = _f1_threshold(m.info)
-    if calibrated is not None:
-      m.info["calibrated"] = calibrated["image"]
+    if calibrated:
+      m.info["calibrated"] = dict(calibrated["image"], source=str(cal_path))
     if gallery is not None and workdir is not None and (dataset, category) in gallery.keys():
       decide = m.info.get("calibrated") or m.info["threshold"]
-      pix = (calibrated or {}).get("pixel") or {}
-      scale = (pix["min"], pix["max"]) if "min" in pix and "max" in pix else None
       m.info["gallery"] = gallery.write(
-          (dataset, category), Path(workdir) / REPORT_FILES / dataset / category,
+          (dataset, category), Path(workdir) / report_page.FILES / dataset / category,
           decide and decide["threshold"], scale,
           decided_by="calibrated" if m.info.get("calibrated") else "F1-optimal",
           **({"scale_source": f"{checkpoint.CALIBRATION_FILE}'s pixel range"} if scale else {}))
   return results
-
-
-def _calibration(workdir) -> dict | None:
-  """WORKDIR/calibration.json (`deploy.calibrate`): its image threshold and pixel range then
-  decide the page's mistakes and colour scale."""
-  path = workdir and Path(workdir) / checkpoint.CALIBRATION_FILE
-  if not path or not path.is_file():
-    return None
-  cal = json.loads(path.read_text())
-  cal["image"] = dict(cal["image"], source=str(path))
-  return cal
 
 
 def _merged(gallery: visuals.Gallery, keys, reduce: "_ProcessGather") -> visuals.Gallery:

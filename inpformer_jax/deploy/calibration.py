@@ -78,6 +78,13 @@ def f1_threshold(scores, labels) -> dict:
           "recall": float(recall[i])}
 
 
+def pixel_range(cal: dict | None) -> tuple[float, float] | None:
+  """The calibration maps' [min, max] (its pixel section): the fixed colour scale of every
+  overlay and gallery panel. None without a calibration or a pixel section."""
+  pix = (cal or {}).get("pixel") or {}
+  return (float(pix["min"]), float(pix["max"])) if "min" in pix and "max" in pix else None
+
+
 def minmax(scores) -> dict:
   s = np.asarray(scores, np.float64)
   return {"method": "minmax", "min": float(s.min()), "max": float(s.max())}

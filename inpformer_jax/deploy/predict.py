@@ -123,7 +123,7 @@ def predict(loaded: Loaded, inputs: Sequence[str], output: str, *, batch_size: i
       row["anomalous_pixel_fraction"] = float(np.mean(r.anomaly_map > pix["threshold"]))
     low = min(low, float(r.anomaly_map.min()))
     rows.append(row)
-  scale, scale_source = _overlay_scale(pix, low, max((r["map_max"] for r in rows), default=0.0))
+  scale, scale_source = _overlay_scale(cal, low, max((r["map_max"] for r in rows), default=0.0))
   if overlays and rows:
     _write_overlays(loaded, out, rows, {r["path"]: out_stem[r["path"]] for r in rows}, scale)
   info = loaded.describe()
@@ -135,11 +135,12 @@ def predict(loaded: Loaded, inputs: Sequence[str], output: str, *, batch_size: i
           "compilations": inferencer.compilations(), "scale": scale}
 
 
-def _overlay_scale(pix: dict, low: float, high: float) -> tuple[tuple[float, float], str]:
+def _overlay_scale(cal: dict, low: float, high: float) -> tuple[tuple[float, float], str]:
   """One colour scale for every overlay of the run: the calibration's pixel range, else the
   range of all the run's maps (never each map's own)."""
-  if "min" in pix and "max" in pix:
-    return (float(pix["min"]), float(pix["max"])), "calibration.json's pixel range"
+  fixed = calib_lib.pixel_range(cal)
+  if fixed is not None:
+    return fixed, "calibration.json's pixel range"
   return (low, high), "the range of this run's maps; calibrate for a fixed one"
 
 

@@ -113,12 +113,17 @@ def _fmt(x) -> str:
   return "-" if x is None else f"{x:.1f}"
 
 
-def _cell(c: dict) -> str:
+def _cell_text(c: dict) -> str:
+  """ours (paper, difference)."""
   if c["ours"] is None:
     return f"- ({_fmt(c['paper'])})"
-  text = f"{_fmt(c['ours'])} ({_fmt(c['paper'])}, {c['diff']:+.1f})" if c["diff"] is not None \
-      else f"{_fmt(c['ours'])} (-)"
-  return f"**{text}**" if c["flag"] else text
+  return (f"{_fmt(c['ours'])} ({_fmt(c['paper'])}, {c['diff']:+.1f})" if c["diff"] is not None
+          else f"{_fmt(c['ours'])} (-)")
+
+
+def _cell(c: dict) -> str:
+  """The markdown cell: bold past tolerance."""
+  return f"**{_cell_text(c)}**" if c["flag"] else _cell_text(c)
 
 
 def to_markdown(cmp: dict) -> str:
@@ -184,7 +189,7 @@ def to_html(cmp: dict, workdir: Path) -> str:
                      f"GT &gt; {esc(r['gt_threshold'])}, encoder weights "
                      f"{esc(r['encoder_weights'])}, step {esc(r['step'])}; {r['flagged']} of "
                      f"{r['compared']} values past tolerance</p>")
-        rows = [[row["row"], *(_cell(row["metrics"][n]).strip("*") for n in names)]
+        rows = [[row["row"], *(_cell_text(row["metrics"][n]) for n in names)]
                 for row in r["rows"]]
         flags = [["", *("flag" if row["metrics"][n]["flag"] else "" for n in names)]
                  for row in r["rows"]]
