@@ -96,8 +96,7 @@ def run_flags(main: Callable[[flags.FlagValues], int],
   try:
     left = _parse_tool_flags(fv, [prog, *argv], rest)
   except errors.UserError as e:
-    return report(e, any(re.fullmatch(rf"--?{VERBOSE_FLAG}(=(true|t|1))?", a, re.IGNORECASE)
-                         for a in options))
+    return report(e, _asks_verbose(options))
   if left:
     return report(errors.UserError(f"unexpected arguments {left}: every option is --name=value "
                                    f"(see {prog} --help)"), fv[VERBOSE_FLAG].value)
@@ -122,6 +121,11 @@ def usage(fv: flags.FlagValues, prog: str, doc: str) -> str:
 
 
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
+
+
+def _asks_verbose(args: Sequence[str]) -> bool:
+  """--verbose among args, read before (or without) a successful parse."""
+  return any(re.fullmatch(rf"--?{VERBOSE_FLAG}(=(true|t|1))?", a, re.IGNORECASE) for a in args)
 
 
 def _required(fv: flags.FlagValues, name: str) -> bool:
@@ -191,9 +195,7 @@ def parse_absl_flags(argv: Sequence[str], config_flag: str = "config",
   try:
     return _parse(list(argv), config_flag, flag_values)
   except errors.UserError as e:
-    wants = any(re.fullmatch(rf"--?{VERBOSE_FLAG}(=(true|t|1))?", a, re.IGNORECASE)
-                for a in argv[1:])
-    sys.exit(report(e, wants))
+    sys.exit(report(e, _asks_verbose(argv[1:])))
 
 
 def _parse(argv: list[str], name: str, flag_values: flags.FlagValues) -> list[str]:
