@@ -35,14 +35,16 @@ from inpformer_jax.deploy import export as export_lib  # noqa: E402
 from inpformer_jax.models import factory  # noqa: E402
 
 
-def build(variant: str, image_size: int, dtype: str):
-  """Model + random params (from eval_shape: no init compile)."""
+def build(variant: str, image_size: int, dtype: str, attention_impl: str | None = None):
+  """Model + random params (from eval_shape: no init compile). attention_impl: the encoder's
+  (config.model.attention_impl: None = XLA, 'cudnn' = the fused GPU kernel)."""
   if variant == "tiny":
     cfg = ml_collections.ConfigDict(dict(encoder="custom", width=32, depth=10, num_heads=2,
                                          num_registers=4))
   else:
     cfg = ml_collections.ConfigDict(dict(encoder=f"dinov2reg_vit_{variant}_14"))
   cfg.dtype = dtype
+  cfg.attention_impl = attention_impl
   model = factory.build_model(cfg)
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))["params"]
@@ -71,7 +73,7 @@ def jax_times(model, params, image_size, batch, steps, warmup, exported: bool) -
 
 def torch_times(variant, image_size, batch, steps, warmup, bf16, threads) -> list[float]:
   from benchmarks.torch_reference import bench  # pylint: disable=g-import-not-at-top
-  v = {"embed_dim": 32, "num_heads": 2, "depth": 10} if variant == "tiny" else variant
+  v = bench.TINY if variant == "tiny" else variant
   return bench.infer_step_times(v, image_size, batch, steps, bf16=bf16, warmup=warmup,
                                 num_threads=threads)
 

@@ -180,8 +180,9 @@ def print_cache_memory(num_images: int, processes: list[int]) -> None:
   crop = config.data.crop
   print(f"\nfeature cache, host memory per process: COMPUTED from the shapes, not measured.\n"
         f"N = {num_images:,} training images (Real-IAD size), crop {crop}, float32; bytes/row = "
-        f"{FLOAT32_BYTES} x tokens x (sum of group widths + fused width), as "
-        "feature_cache stores them;\neach of P processes stores its N/P rows (the shard-wise "
+        f"{FLOAT32_BYTES} x tokens x sum of the stored widths (the groups; the fused input "
+        "only where the groups do not determine it), as feature_cache stores them (bfloat16: "
+        "half);\neach of P processes stores its N/P rows (the shard-wise "
         "cache)")
   print(f"{'encoder':24s} {'tokens':>6s} {'widths':>15s} {'MB/row':>7s} {'P':>3s} "
         f"{'rows/host':>10s} {'GB/host':>8s} {'GiB/host':>9s}")
@@ -191,7 +192,7 @@ def print_cache_memory(num_images: int, processes: list[int]) -> None:
     config.model.encoder = name
     model = factory.build_model(config.model)  # shapes only: no parameters are made
     tokens = model.encoder.grid_size(crop) ** 2
-    widths = [*model.group_dims(), model.embed_dim]
+    widths = [*model.group_dims(), *([] if model.fused_derivable else [model.embed_dim])]
     row = FLOAT32_BYTES * tokens * sum(widths)
     for p in processes:
       rows = math.ceil(num_images / p)

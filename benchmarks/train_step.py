@@ -1,21 +1,25 @@
 r"""Training images/s of our jitted train step against the PyTorch reference, in one run.
 
-  python benchmarks/train_step.py                                  # ViT-S/224 and ViT-B/392
-  python benchmarks/train_step.py --configs small:224 --batch 4 --steps 5 --json out.json
+  python benchmarks/train_step.py              # ViT-S/224 batch 8 and ViT-B/392 batch 4
+  python benchmarks/train_step.py --configs small:224:8 --steps 5 --pairs 3 --json out.json
 
 Both sides: random weights (speed does not depend on them), the official recipe's step
 (forward, soft-mining + coherence loss, backward, clip 0.1, StableAdamW), float32, the same
-batch; with `--cache` both also run the step that starts from stored encoder features
-(config.train.cache_features). Each side runs `--warmup` untimed steps (JAX: the compile),
-then `--steps` timed ones; images/s = batch * steps / time. On the CPU the torch side gets
-one thread per core and XLA the project's CPU flags (inpformer_jax/xla_flags.py).
-"""
+batch. With `--cache on` our step starts from stored encoder features
+(config.train.cache_features); the PyTorch side is then still the official step, which has no
+cache. Each side is built and runs `--warmup` untimed steps (JAX: the compile); then
+`--pairs` rounds alternate `--steps` timed steps of ours and of PyTorch's, so load changes
+hit both; images/s = batch * steps / time of a round, median over the rounds. In one
+process: the torch side gets one thread per core, XLA the project's CPU flags
+(inpformer_jax/xla_flags.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,48 +42,98 @@ ENCODERS = {"small": "dinov2reg_vit_small_14", "base": "dinov2reg_vit_base_14",
             "large": "dinov2reg_vit_large_14"}
 
 
-def jax_train_images_per_sec(variant: str, image_size: int, batch: int, steps: int, *,
-                             cache_features: bool = False, warmup: int = 2,
-                             dtype: str = "float32") -> float:
-  """Steady-state images/s of train.make_train_step for ViT-`variant` at `image_size`."""
+# The tiny random ViT of configs/common.apply_runlocal (CPU dry runs of benchmarks/gpu_suite.py).
+TINY = "tiny"
+
+
+def train_config(variant: str, image_size: int, batch: int, *, dtype: str = "float32",
+                 attention_impl: str | None = None):
+  """The official recipe's config for ViT-`variant` (or TINY) with random encoder weights."""
   c = common.base_config()
-  c.model.encoder = ENCODERS[variant]
-  c.model.encoder_weights = "random"
+  if variant == TINY:
+    common.apply_runlocal(c)
+    c.train.total_steps = None
+  else:
+    c.model.encoder = ENCODERS[variant]
+    c.model.encoder_weights = "random"
   c.model.dtype = dtype
+  c.model.attention_impl = attention_impl
   c.data.crop = image_size
+  c.data.resize = image_size * 8 // 7  # the official 448 -> 392 ratio (feature-cache sources)
   c.train.batch_size = batch
+  return c
+
+
+def prepare_train_step(c, cached: bool):
+  """-> (recipe, step, state, encoder, batch): `recipe.train_step` and its arguments for one
+  random batch of c.train.batch_size images (cached: their encoder features)."""
   r = train.Recipe.create(c, total_steps=1_000_000)
-  mesh = r.mesh
+  batch, size = c.train.batch_size, c.data.crop
   encoder = jax.device_put(r.encoder, r.encoder_sh)
   state = r.init_state(r.trainable, c.seed)
-  rng = np.random.default_rng(0)
-  images = rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
-  if cache_features:
+  images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
+  if cached:
     params = params_lib.merge(encoder, r.trainable)
     feats = jax.jit(lambda p, x: r.model.apply({"params": p}, x, method=INPFormer.encode))(
         params, images)
-    host = dict(zip(feature_cache.keys(len(feats["en_tokens"])),
-                    map(np.asarray, [*feats["en_tokens"], feats["fused"]])))
-    batch_arrays = sharding.global_batch(host, mesh)
+    host = {k: np.asarray(v) for k, v in feature_cache.cached_arrays(
+        r.model, feats, c.train.cache_dtype).items()}
+    batch_arrays = sharding.global_batch(host, r.mesh)
   else:
-    batch_arrays = sharding.global_batch({"image": images}, mesh)
-  step = r.train_step(c.loss, cached=cache_features)
-  for _ in range(warmup):
-    state, metrics = step(state, encoder, batch_arrays)
-  jax.block_until_ready(metrics)
+    batch_arrays = sharding.global_batch({"image": images}, r.mesh)
+  return r, r.train_step(c.loss, cached=cached), state, encoder, batch_arrays
+
+
+def run_steps(step, state, encoder, batch, n: int):
+  """-> (state after n steps, their wall seconds), the device work included."""
+  metrics = None
   t0 = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, encoder, batch_arrays)
+  for _ in range(n):
+    state, metrics = step(state, encoder, batch)
   jax.block_until_ready((state, metrics))
-  return batch * steps / (time.perf_counter() - t0)
+  return state, time.perf_counter() - t0
+
+
+def jax_train_images_per_sec(variant: str, image_size: int, batch: int, steps: int, *,
+                             cache_features: bool = False, warmup: int = 2,
+                             dtype: str = "float32", attention_impl: str | None = None) -> float:
+  """Steady-state images/s of train.make_train_step for ViT-`variant` at `image_size`."""
+  c = train_config(variant, image_size, batch, dtype=dtype, attention_impl=attention_impl)
+  _, step, state, encoder, batch_arrays = prepare_train_step(c, cache_features)
+  state, _ = run_steps(step, state, encoder, batch_arrays, warmup)
+  _, seconds = run_steps(step, state, encoder, batch_arrays, steps)
+  return batch * steps / seconds
+
+
+def _pair_rows(variant, size, batch, cached, args):
+  """Alternating timed rounds of our step and the PyTorch step (both built and warmed up
+  first) -> {"jax": [images/s per round], "torch": [...]}."""
+  c = train_config(variant, size, batch)
+  _, step, state, encoder, arrays = prepare_train_step(c, cached)
+  state, _ = run_steps(step, state, encoder, arrays, args.warmup)
+  torch_step = None
+  if not args.no_torch:
+    from benchmarks.torch_reference import bench  # pylint: disable=g-import-not-at-top
+    # The official code has no feature cache: our cached step is compared with its step.
+    torch_step = bench.train_step_fn(bench.TINY if variant == TINY else variant, size, batch)
+    bench.time_calls(torch_step, args.warmup, 1)
+  out = {"jax": [], "torch": []}
+  for _ in range(args.pairs):
+    state, seconds = run_steps(step, state, encoder, arrays, args.steps)
+    out["jax"].append(batch * args.steps / seconds)
+    if torch_step is not None:
+      out["torch"].append(batch * args.steps / sum(bench.time_calls(torch_step, 0, args.steps)))
+  return out
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--configs", default="small:224,base:392",
-                 help="comma-separated variant:image_size pairs")
-  p.add_argument("--batch", type=int, default=2)
-  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--configs", default="small:224:8,base:392:4",
+                 help="comma-separated variant:image_size[:batch] (batch default: --batch)")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+  p.add_argument("--pairs", type=int, default=2,
+                 help="alternating rounds (ours, PyTorch); the medians are reported")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--cache", default="off,on", help="feature cache settings to time: off,on")
   p.add_argument("--no-torch", action="store_true", help="time the JAX side only")
@@ -87,27 +141,28 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   rows = []
-  print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, "
-        f"host: {platform.machine()}, batch {args.batch}, {args.steps} timed steps")
-  print(f"{'config':>12} {'cache':>5} {'jax img/s':>10} {'torch img/s':>12} {'jax/torch':>9}")
+  print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, host: "
+        f"{platform.machine()} ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}),"
+        f" {args.steps} timed steps x {args.pairs} alternating rounds, float32")
+  print("| config | batch | cache | jax img/s | torch img/s | jax/torch | rounds jax / torch |")
+  print("|---|---:|---|---:|---:|---:|---|")
   for item in args.configs.split(","):
-    variant, size = item.split(":")
+    variant, size, *rest = item.split(":")
+    batch = int(rest[0]) if rest else args.batch
     for cache in args.cache.split(","):
       on = cache == "on"
-      ours = jax_train_images_per_sec(variant, int(size), args.batch, args.steps,
-                                      cache_features=on, warmup=args.warmup)
-      theirs = float("nan")
-      if not args.no_torch:
-        from benchmarks.torch_reference import bench  # pylint: disable=g-import-not-at-top
-        theirs = bench.torch_train_images_per_sec(variant, int(size), args.batch, args.steps,
-                                                  cache_features=on, warmup=args.warmup)
+      r = _pair_rows(variant, int(size), batch, on, args)
+      ours = statistics.median(r["jax"])
+      theirs = statistics.median(r["torch"]) if r["torch"] else float("nan")
       row = {"variant": variant, "image_size": int(size), "cache_features": on,
-             "batch": args.batch, "jax_images_per_sec": ours, "torch_images_per_sec": theirs,
-             "ratio": ours / theirs if theirs == theirs else None}
+             "batch": batch, "jax_images_per_sec": ours, "torch_images_per_sec": theirs,
+             "ratio": ours / theirs if theirs == theirs else None, "rounds": r}
       rows.append(row)
       ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
-      print(f"{variant + '/' + size:>12} {cache:>5} {ours:>10.2f} {theirs:>12.2f} {ratio:>9}",
-            flush=True)
+      rounds = (", ".join(f"{v:.2f}" for v in r["jax"]) + " / "
+                + ", ".join(f"{v:.2f}" for v in r["torch"]))
+      print(f"| {variant}/{size} | {batch} | {cache} | {ours:.2f} | {theirs:.2f} | {ratio} | "
+            f"{rounds} |", flush=True)
   if args.json:
     Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind,
                                            "rows": rows}, indent=2))

@@ -87,9 +87,10 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
           for key in has_mask}
   gallery = visuals.Gallery(ec.gallery_size) if ec.gallery_size else None
   n_rows, t0 = 0, time.time()
-  for batch in tqdm.tqdm(batches, total=len(batches), desc=desc, disable=not is_main,
-                         dynamic_ncols=True):
-    out = forward(params, sharding.global_batch({"image": batch["image"]}, mesh)["image"])
+  outputs = _ahead(lambda b: forward(params, sharding.global_batch({"image": b["image"]},
+                                                                   mesh)["image"]), batches)
+  for batch, out in tqdm.tqdm(outputs, total=len(batches), desc=desc, disable=not is_main,
+                              dynamic_ncols=True):
     maps, scores = _local_rows(out["anomaly_map"]), _local_rows(out["score"])
     index = np.asarray(batch["index"])
     masks = anomaly_map.resize_masks_to_map(np.asarray(batch["mask"], np.float32))
@@ -134,6 +135,20 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
           decided_by="calibrated" if m.info.get("calibrated") else "F1-optimal",
           **({"scale_source": f"{checkpoint.CALIBRATION_FILE}'s pixel range"} if scale else {}))
   return results
+
+
+def _ahead(forward, batches):
+  """(batch, forward(batch)) for each batch, the next batch's forward dispatched before this
+  one is handed out: the device computes it while the host accumulates this one's metrics
+  (JAX dispatch is asynchronous; only reading the outputs waits)."""
+  pending = None
+  for batch in batches:
+    out = forward(batch)
+    if pending is not None:
+      yield pending
+    pending = (batch, out)
+  if pending is not None:
+    yield pending
 
 
 def _merged(gallery: visuals.Gallery, keys, reduce: "_ProcessGather") -> visuals.Gallery:

@@ -1,14 +1,18 @@
 """Frozen-encoder feature cache: the encoder's outputs for every training image, computed once.
 
 The encoder is frozen and the official recipes have no random training augmentation, so the
-encoder feature groups and their fused input (what `INPFormer.decode` starts from) are the
-same at every epoch: training from them is exact, not an approximation, and takes the
-encoder's forward pass out of the loop. Per image and group g: `group_g` (h*w, C_g), plus
-`fused` (h*w, D), float32; `keys(num_groups)` names them and `decode_inputs` unpacks a batch.
+encoder feature groups (what `INPFormer.decode` starts from) are the same at every epoch:
+training from them is exact, not an approximation, and takes the encoder's forward pass out
+of the loop. Per image and group g: `group_g` (h*w, C_g) in config.train.cache_dtype
+(float32, or bfloat16: half the bytes, rounded features). The decoder's fused input is
+derived from the groups inside the step (`INPFormer.fused_from_groups`, as `encode` computes
+it); only where it cannot be (fusion='mean' with unequal or partial groups) is it stored too,
+as `fused` (h*w, D). `keys(model)` names the arrays and `decode_inputs` unpacks a batch.
 
-Shards (so that no host holds the whole cache: ViT-B/392 is 7.2 MB per image). The N training
-rows are split into S = config.train.cache_shards data shards (0: the process count P); S
-divides the global batch G and is a multiple of P (`num_shards`).
+Shards (so that no host holds the whole cache: ViT-B/392 is 4.8 MB per image in float32,
+2.4 MB in bfloat16). The N training rows are split into S = config.train.cache_shards data
+shards (0: the process count P); S divides the global batch G and is a multiple of P
+(`num_shards`).
   - Shard s holds the rows {i : i % S == s}, n_s of them (`shard_rows`).
   - Its order: its own seeded, epoch-repeating permutation,
     grain MapDataset.range(n_s).seed(seed + s).shuffle().repeat(), j -> row s + S*j.
@@ -22,9 +26,11 @@ This process's cache holds its shards' rows one shard after another (row r of th
 `local_rows(...)[r]`); `index_stream` yields both the source rows ("index") and these cache
 positions ("row"). Storage: device memory (replicated, gathered with jnp.take) for one
 process when it fits in config.train.cache_device_bytes; with several processes host memory
-under the same bound; else float32 .npy files memory-mapped from config.train.cache_dir
-(default WORKDIR/feature_cache; with several processes a process_<p> folder in it), reused by
-later runs of the same data, encoder and shards.
+under the same bound (stored bytes); else .npy files memory-mapped from
+config.train.cache_dir (default WORKDIR/feature_cache; with several processes a process_<p>
+folder in it), reused by later runs of the same data, encoder, shards and dtype. numpy's .npy
+format has no portable bfloat16, so a bfloat16 cache's files hold its raw bits as uint16 and
+are read back as a bfloat16 view.
 """
 
 from __future__ import annotations
@@ -51,15 +57,30 @@ from inpformer_jax.models.inp_former import INPFormer
 FUSED = "fused"
 
 
-def keys(num_groups: int) -> tuple[str, ...]:
-  """The cached arrays of a model with `num_groups` feature groups."""
-  return (*(f"group_{g}" for g in range(num_groups)), FUSED)
+def keys(model: INPFormer) -> tuple[str, ...]:
+  """The cached arrays of `model`: its groups, and the fused input only when the groups do
+  not determine it (`INPFormer.fused_derivable`)."""
+  groups = tuple(f"group_{g}" for g in range(len(model.fuse_groups)))
+  return groups if model.fused_derivable else (*groups, FUSED)
 
 
-def decode_inputs(batch: dict) -> tuple[list, jax.Array]:
-  """A cached batch -> (en_tokens, fused), the arguments of `INPFormer.decode`."""
-  names = keys(len(batch) - 1)
-  return [batch[k] for k in names[:-1]], batch[FUSED]
+def decode_inputs(batch: dict) -> tuple[list, jax.Array | None]:
+  """A cached batch -> (en_tokens, fused or None: derived), the arguments of
+  `INPFormer.decode`."""
+  groups = [batch[f"group_{g}"] for g in range(len(batch) - (FUSED in batch))]
+  return groups, batch.get(FUSED)
+
+
+def cached_arrays(model: INPFormer, enc: dict, dtype=jnp.float32) -> dict:
+  """`model.encode`'s output -> what the cache stores of it (`keys(model)`), in `dtype`."""
+  arrays = dict(zip((*(f"group_{g}" for g in range(len(enc["en_tokens"]))), FUSED),
+                    [*enc["en_tokens"], enc["fused"]]))
+  return {k: arrays[k].astype(dtype) for k in keys(model)}
+
+
+def _load(cache_dir: Path, names: tuple[str, ...], dtype) -> dict:
+  """The memory-mapped cache; bfloat16 is stored as its uint16 bits (module docstring)."""
+  return {k: np.load(cache_dir / f"{k}.npy", mmap_mode="r").view(dtype) for k in names}
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,9 +177,10 @@ def build_feature_cache(model, params, source, config, mesh, workdir, *,
 
   source: a grain source (`inpformer_jax.data.sources`, with `fingerprint()`) or an array.
 
-  -> ({"group_0", ..., "fused": (N_p, n_tok, C)}, on_device); storage as the module docstring
-  says. Every process runs the same number of encoder steps (collective on the mesh): each
-  contributes its own images to a global batch and takes its own rows of the output back.
+  -> ({`keys(model)`: (N_p, n_tok, C) in config.train.cache_dtype}, on_device); storage as
+  the module docstring says. Every process runs the same number of encoder steps (collective
+  on the mesh): each contributes its own images to a global batch and takes its own rows of
+  the output back.
   process_index/process_count: jax's unless given.
   """
   pi, pc = pipeline.process_and_count(process_index, process_count)
@@ -167,18 +189,20 @@ def build_feature_cache(model, params, source, config, mesh, workdir, *,
   n, s = len(src), config.data.crop
   rows = local_rows(n, shards, pi, pc)
 
+  names, dtype = keys(model), jnp.dtype(config.train.cache_dtype)
+  # .npy files: bfloat16's raw bits as uint16 (module docstring)
+  file_dtype = np.uint16 if dtype == jnp.bfloat16 else dtype
+
   def encode(p, x):
-    return model.apply({"params": p}, x, method=INPFormer.encode)
+    return cached_arrays(model, model.apply({"params": p}, x, method=INPFormer.encode), dtype)
 
   shapes = jax.eval_shape(encode, params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
   # per key: groups may be narrower than the fused input (fusion='concat')
-  names = keys(len(shapes["en_tokens"]))
-  tok_shape = {k: tuple(v.shape[1:]) for k, v in zip(names, [*shapes["en_tokens"],
-                                                            shapes["fused"]])}
-  nbytes = sum(len(rows) * int(np.prod(t)) * 4 for t in tok_shape.values())
+  tok_shape = {k: tuple(shapes[k].shape[1:]) for k in names}
+  nbytes = sum(len(rows) * int(np.prod(t)) * dtype.itemsize for t in tok_shape.values())
   in_memory = nbytes <= config.train.cache_device_bytes
   on_device = in_memory and pc == 1
-  meta = {"n": n, "tok_shape": tok_shape, "encoder": config.model.encoder,
+  meta = {"n": n, "tok_shape": tok_shape, "dtype": dtype.name, "encoder": config.model.encoder,
           "weights": str(config.model.encoder_weights), "resize": config.data.resize, "crop": s,
           "source": src.fingerprint(), "shards": shards,
           "own_shards": list(own_shards(shards, pi, pc))}
@@ -189,14 +213,15 @@ def build_feature_cache(model, params, source, config, mesh, workdir, *,
   if (not in_memory and meta_file.is_file()
       and json.loads(meta_file.read_text()) == json.loads(json.dumps(meta))):
     logging.info("feature cache: reusing %s", cache_dir)
-    return {k: np.load(cache_dir / f"{k}.npy", mmap_mode="r") for k in names}, False
+    return _load(cache_dir, names, dtype), False
   if in_memory:
-    out = {k: np.zeros((len(rows), *tok_shape[k]), np.float32) for k in names}
+    out = {k: np.zeros((len(rows), *tok_shape[k]), dtype) for k in names}
   else:
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_file.unlink(missing_ok=True)
-    out = {k: np.lib.format.open_memmap(cache_dir / f"{k}.npy", mode="w+", dtype=np.float32,
-                                        shape=(len(rows), *tok_shape[k])) for k in names}
+    out = {k: np.lib.format.open_memmap(cache_dir / f"{k}.npy", mode="w+", dtype=file_dtype,
+                                        shape=(len(rows), *tok_shape[k])).view(dtype)
+           for k in names}
   per = config.train.batch_size // pc
   # the same step count on every process (the encoder runs on the whole mesh): the largest
   # process's, the others pad.
@@ -217,13 +242,13 @@ def build_feature_cache(model, params, source, config, mesh, workdir, *,
     feats = enc_fn(params, sharding.global_batch({"image": images}, mesh)["image"])
     feats = jax.device_get(multihost_utils.global_array_to_host_local_array(
         feats, mesh, data_sh.spec))
-    for k, v in zip(names, [*feats["en_tokens"], feats["fused"]]):
-      out[k][pos:pos + b] = np.asarray(v)[:b]
+    for k in names:
+      out[k][pos:pos + b] = np.asarray(feats[k])[:b]
     pos += b
   where = ("in device memory" if on_device else "in host memory" if in_memory
            else f"memory-mapped in {cache_dir}")
-  logging.info("feature cache: %d of %d images (shards %s of %d), %.1f MiB, %s", len(rows), n,
-               meta["own_shards"], shards, nbytes / 2**20, where)
+  logging.info("feature cache: %d of %d images (shards %s of %d), %.1f MiB %s, %s", len(rows),
+               n, meta["own_shards"], shards, nbytes / 2**20, dtype.name, where)
   if on_device:
     return {k: jax.device_put(v, sharding.replicated(mesh)) for k, v in out.items()}, True
   if in_memory:
@@ -231,5 +256,5 @@ def build_feature_cache(model, params, source, config, mesh, workdir, *,
   for v in out.values():
     v.flush()
   meta_file.write_text(json.dumps(meta))
-  return {k: np.load(cache_dir / f"{k}.npy", mmap_mode="r") for k in names}, False
+  return _load(cache_dir, names, dtype), False
 

@@ -67,6 +67,8 @@ def run_fingerprint(config, source, total_steps: int, encoder_weights: str) -> d
     fp.update(_flat(field, node))
   if config.train.cache_features:  # the cached order depends on the shard count
     fp["train.cache_shards"] = feature_cache.num_shards(config)
+    if config.train.cache_dtype != "float32":  # absent: float32, as before the field existed
+      fp["train.cache_dtype"] = config.train.cache_dtype
   return fp
 
 

@@ -24,6 +24,7 @@ MODES = ("train", "eval", "train_and_eval")
 # on the target, so it scores with the INP distance (SPEC §6, §7.3); every other, reconstruction.
 DEFAULT_MAP = "reconstruction"
 _SETTING_MAP = {"zero_shot": "inp_distance"}
+CACHE_DTYPES = ("float32", "bfloat16")  # config.train.cache_dtype (`feature_cache`)
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -65,6 +66,9 @@ def check_config(config, mode: str = "train_and_eval") -> None:
                       "(or None: the setting's)")
   if config.setting == "few_shot":
     check_shots(config.few_shot.shots)
+  if config.train.cache_dtype not in CACHE_DTYPES:
+    raise ConfigError(f"config.train.cache_dtype={config.train.cache_dtype!r}: one of "
+                      f"{CACHE_DTYPES}")
   _check_datasets_of_setting(config)
   # Paths that are read only after the model is built: a mistake in them costs no wait.
   if config.init_from and checkpoint.kind_of(config.init_from) == "none":

@@ -357,25 +357,32 @@ def _loop(config, workdir, r, encoder, state, start, total_steps, ck, data_iter,
   with guards.Preemption() as preemption:
     try:
       while step < total_steps:
-        local = next(data_iter)
-        if cache is None:
-          batch = sharding.global_batch({"image": local["image"]}, mesh)
-        else:
-          row = np.asarray(local["row"])  # this process's rows of the global batch, its cache
-          if cache_on_device:
-            batch = gather(cache, sharding.global_batch({"row": row}, mesh)["row"])
+        # Between logging points nothing waits for the device: the step is dispatched and
+        # the next batch is read, copied and dispatched while the device still computes this
+        # one (one step of device prefetch; the grain iterator's position is then exactly the
+        # steps taken, what a checkpoint saves). An implicit device->host read here would be
+        # a hidden sync, so it is an error (on accelerators: JAX's guard does not see reads of
+        # CPU arrays, which are host memory already).
+        with jax.transfer_guard_device_to_host("disallow"):
+          local = next(data_iter)
+          if cache is None:
+            batch = sharding.global_batch({"image": local["image"]}, mesh)
           else:
-            batch = sharding.global_batch({k: np.asarray(v[row]) for k, v in cache.items()},
-                                          mesh)
-        # Everything the step gets is already on device; an implicit host->device copy here
-        # would be a hidden per-step transfer, so it is an error.
-        with jax.transfer_guard_host_to_device("disallow"):
-          state, metrics = step_fn(state, encoder, batch)
-        pending.append(metrics)
-        step += 1
-        n_last += tc.batch_size
-        bar.update(1)
-        preempted = preemption.reached(step)
+            row = np.asarray(local["row"])  # this process's rows of the global batch
+            if cache_on_device:
+              batch = gather(cache, sharding.global_batch({"row": row}, mesh)["row"])
+            else:
+              batch = sharding.global_batch({k: np.asarray(v[row]) for k, v in cache.items()},
+                                            mesh)
+          # Everything the step gets is already on device; an implicit host->device copy
+          # here would be a hidden per-step transfer, so it is an error.
+          with jax.transfer_guard_host_to_device("disallow"):
+            state, metrics = step_fn(state, encoder, batch)
+          pending.append(metrics)
+          step += 1
+          n_last += tc.batch_size
+          bar.update(1)
+          preempted = preemption.reached(step)
         is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or preempted
         if step % tc.log_every_steps == 0 or is_ckpt:
           rows = jax.device_get(pending)

@@ -51,9 +51,14 @@ def test_check_config_names_the_field():
   settings.check_config(c)
   for field, value, match in (("setting", "many_class", "config.setting='many_class'"),
                               ("eval.protocol", "fast", "config.eval.protocol='fast'"),
-                              ("eval.map", "heat", "config.eval.map='heat'")):
+                              ("eval.map", "heat", "config.eval.map='heat'"),
+                              ("train.cache_dtype", "float16",
+                               r"config.train.cache_dtype='float16': one of \('float32', ")):
     bad = mvtec.get_config("runlocal=True")
-    node, last = (bad.eval, field.split(".")[1]) if "." in field else (bad, field)
+    *parents, last = field.split(".")
+    node = bad
+    for part in parents:
+      node = node[part]
     node[last] = value
     with pytest.raises(settings.ConfigError, match=match):
       settings.check_config(bad)

@@ -1,11 +1,13 @@
 """The feature cache is exact: training from cached encoder features (in device memory or
 memory-mapped from disk) gives the uncached run's losses and parameters, for any number of
-feature groups. Sharded: the global batches depend on the shard count only, not on the
+feature groups; it stores the groups only when they determine the fused input, in float32 or
+bfloat16. Sharded: the global batches depend on the shard count only, not on the
 process count; a process reads and stores only its own shards' rows."""
 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from inpformer_jax import feature_cache
 from inpformer_jax import params as params_lib
 from inpformer_jax import reports
 from inpformer_jax import settings
+from inpformer_jax import sharding
 from inpformer_jax import train
 from inpformer_jax.data import pipeline
 from inpformer_jax.models.inp_former import INPFormer
@@ -63,11 +66,30 @@ def test_cached_training_equals_uncached(data, recipes, tmp_path, groups, caches
     assert_same_rows(runs["off"], runs[cached], keys=("loss", "reconstruction", "coherence", "lr"))
     assert_same_rows(runs["off"], runs[cached], keys=("grad_norm",), tol=1e-5)
     assert max_abs_diff(params["off"], params[cached]) <= 1e-6, cached
+  # two equal groups of all layers: the fused input is derived in the step, not stored;
+  # three unequal ones: stored
   n = len(groups.get("model.fuse_groups", ((), ())))
-  names = feature_cache.keys(n)
-  assert names[-1] == "fused" and len(names) == n + 1
+  model = recipes.get(local_config(mvtec.get_config, "", data, **STEPS, **groups), 4).model
+  groups_only = tuple(f"group_{g}" for g in range(n))
+  assert feature_cache.keys(model) == (groups_only if n == 2 else (*groups_only, "fused"))
   if DISK in caches:
-    assert all((tmp_path / "disk" / "feature_cache" / f"{k}.npy").is_file() for k in names)
+    files = sorted(f.stem for f in (tmp_path / "disk" / "feature_cache").glob("*.npy"))
+    assert files == list(groups_only)
+
+
+@pytest.mark.parametrize("fusion,fuse_groups,derived", [
+    ("mean", ((0, 1, 2, 3), (4, 5, 6, 7)), True),
+    ("mean", ((4, 5, 6, 7), (0, 1, 2, 3)), True),
+    ("mean", ((0, 1, 2), (3, 4, 5), (6, 7)), False),  # unequal
+    ("mean", ((0, 1), (2, 3)), False),                # partial
+    ("concat", ((0,), (1, 2)), True)], ids=["mean", "mean_swapped", "unequal", "partial",
+                                           "concat"])
+def test_the_cache_stores_the_fused_input_only_when_the_groups_do_not_determine_it(
+    fusion, fuse_groups, derived):
+  model = INPFormer(encoder=None, fusion=fusion, fuse_groups=fuse_groups,
+                    target_layers=tuple(range(8)) if fusion == "mean" else (4, 7, 10))
+  names = tuple(f"group_{g}" for g in range(len(fuse_groups)))
+  assert feature_cache.keys(model) == (names if derived else (*names, "fused"))
 
 
 def _batches(shards, process_index, process_count):
@@ -142,7 +164,10 @@ def test_a_process_encodes_and_stores_only_its_shards(data, recipes, tmp_path):
   images = np.random.default_rng(0).normal(size=(10, 28, 28, 3)).astype(np.float32)
   feats = jax.device_get(jax.jit(lambda p, x: r.model.apply(
       {"params": p}, x, method=INPFormer.encode))(params, images))
-  ref = dict(zip(feature_cache.keys(2), [*feats["en_tokens"], feats["fused"]]))
+  ref = dict(zip(feature_cache.keys(r.model), feats["en_tokens"]))  # two groups: no "fused"
+  # the fused input the cached step derives from them is encode's, to the bit
+  np.testing.assert_array_equal(jax.jit(r.model.fused_from_groups)(feats["en_tokens"]),
+                                feats["fused"])
 
   def build(process_index, **over):
     cc = local_config(mvtec.get_config, "", data, **STEPS, **{"train.batch_size": 4,
@@ -168,7 +193,31 @@ def test_a_process_encodes_and_stores_only_its_shards(data, recipes, tmp_path):
   it = iter(feature_cache.index_stream(10, 4, SEED, 4, process_index=1, process_count=2))
   for _ in range(4):
     b = next(it)
-    np.testing.assert_allclose(cache["fused"][b["row"]], ref["fused"][b["index"]], atol=1e-5)
-  # another shard count in the same folder is built anew, not read back
-  cache = build(1, **{"train.cache_device_bytes": 0, "train.cache_shards": 2})
-  np.testing.assert_allclose(cache["fused"], ref["fused"][[1, 3, 5, 7, 9]], atol=1e-5)
+    np.testing.assert_allclose(cache["group_1"][b["row"]], ref["group_1"][b["index"]],
+                               atol=1e-5)
+  # another shard count in the same folder is built anew, not read back, and so is another
+  # dtype: bfloat16 (on disk its bits as uint16) after float32 and float32 after bfloat16
+  for dtype in ("float32", "bfloat16", "float32"):
+    cache = build(1, **{"train.cache_device_bytes": 0, "train.cache_shards": 2,
+                        "train.cache_dtype": dtype})
+    assert json.loads((folder / "meta.json").read_text())["dtype"] == dtype
+    assert np.load(folder / "group_0.npy", mmap_mode="r").dtype == (
+        np.uint16 if dtype == "bfloat16" else np.float32)
+    for k in ref:
+      assert cache[k].dtype == jnp.dtype(dtype) and cache[k].shape == (5, *ref[k].shape[1:])
+      np.testing.assert_allclose(cache[k].astype(np.float32), ref[k][[1, 3, 5, 7, 9]],
+                                 rtol=2**-8 if dtype == "bfloat16" else 0, atol=1e-5)
+  # bfloat16 in device memory (one process), and a training step from it
+  cc = local_config(mvtec.get_config, "", data, **STEPS, **{"train.cache_dtype": "bfloat16"})
+  cache, on_device = feature_cache.build_feature_cache(r.model, params, images, cc, r.mesh,
+                                                       tmp_path, process_index=0,
+                                                       process_count=1)
+  assert on_device and all(v.dtype == jnp.bfloat16 for v in cache.values())
+  gather = jax.jit(lambda c, i: {k: jnp.take(v, i, axis=0) for k, v in c.items()},
+                   out_shardings=sharding.batch_sharding(r.mesh))
+  batch = gather(cache, sharding.global_batch({"row": np.arange(cc.train.batch_size)},
+                                              r.mesh)["row"])
+  state, metrics = r.train_step(cc.loss, cached=True)(r.init_state(r.trainable, SEED),
+                                                      r.encoder, batch)
+  assert metrics["lr"] > 0 and np.isfinite(metrics["loss"])
+  assert max_abs_diff(jax.device_get(state["params"]), r.trainable) > 1e-4

@@ -48,3 +48,9 @@ def test_the_fingerprint_lists_what_changed():
   warnings = []
   guards.resume_check(changed, allow=True, log=warnings.append)(7, {"fingerprint": fp})
   assert len(warnings) == 1 and "allow_resume_changes" in warnings[0]
+  # a bfloat16 feature cache trains from other values than a float32 one
+  config.train.cache_features = True
+  cached = guards.run_fingerprint(config, source, 10, "random")
+  config.train.cache_dtype = "bfloat16"
+  diff = checkpoint.differences(cached, guards.run_fingerprint(config, source, 10, "random"))
+  assert [d.split(":")[0] for d in diff] == ["train.cache_dtype"], diff

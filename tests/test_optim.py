@@ -54,10 +54,14 @@ def test_two_optimizer_steps(golden, golden_model, golden_forward):
       mask = conditioned[name]
       assert mask.mean() >= 0.5, name
       ours, ref = helpers.official_param(trainable, name), z[f"opt/step{step}/{name}"]
-      # At step 2 m mixes two gradients that can nearly cancel, which amplifies their 1e-4
-      # relative noise; so the bound is 1e-5 of max|param| or 1% of one step (lr), whichever
-      # is larger.
-      tol = max(FWD_RTOL * np.abs(ref).max(), 1e-2 * c["lr"])
+      # The bound is 1e-5 of max|param| or a fraction of one step (lr), whichever is larger:
+      # 1% at step 1. Step 2's gradients are taken where step 1 moved the noise-floor elements
+      # +-lr in a rounding-dependent direction, which moves a well-conditioned element's
+      # gradient by a few percent: measured at decoder.0.attn.q.weight[1, 46] (|g2| = 0.5% of
+      # the tensor's max), 4.3e-6 off the official value with autodiff's backward, 2.2e-5 with
+      # the hand-written Linear/MLP backward (models/inp_former.py) and up to 9.8e-6 in a
+      # float64 run: 5% of lr at step 2.
+      tol = max(FWD_RTOL * np.abs(ref).max(), (1e-2 if step == 1 else 5e-2) * c["lr"])
       d = np.abs(ours - ref)[mask].max()
       assert d <= tol, f"step{step} param {name}: max diff {d:.3e} > {tol:.3e}"
       # noise-floor elements: bounded by the per-step learning rate

@@ -43,23 +43,109 @@ def trunc_normal_init(stddev: float = 0.01, cutoff: float = 3.0):
   return init
 
 
-_dense = functools.partial(nn.Dense, kernel_init=trunc_normal_init(),
-                           bias_init=nn.initializers.zeros)
 # LayerNorm eps is 1e-8 in the extractor and decoder (1e-6 in the encoder).
 _norm = functools.partial(nn.LayerNorm, epsilon=1e-8)
 
 
+def _gelu_derivative(a: Array) -> Array:
+  """d/da of the erf GELU a * Phi(a): Phi(a) + a * phi(a)."""
+  cdf = 0.5 * (1.0 + jax.lax.erf(a * (1.0 / np.sqrt(2.0)).astype(a.dtype)))
+  pdf = jnp.exp(-0.5 * a * a) * (1.0 / np.sqrt(2.0 * np.pi)).astype(a.dtype)
+  return cdf + a * pdf
+
+
+@jax.custom_vjp
+def mlp(x: Array, w1: Array, b1: Array, w2: Array, b2: Array) -> Array:
+  """fc2(GELU_erf(fc1(x))), x (..., D), w1 (D, F), w2 (F, D) -> (..., D).
+
+  The backward is written out on (rows, features) matrices: XLA's own transpose of the
+  (B, N, D) dots (batch and token dims contracted together, erf evaluated in several
+  fusions) took 1.3 s where this takes 1.0 s for eight ViT-S/224 MLPs at batch 8 on a
+  2-core CPU (benchmarks/README.md, "Where the CPU step's time went"). The forward is
+  unchanged; gradients equal to rounding.
+  """
+  return _mlp_fwd(x, w1, b1, w2, b2)[0]
+
+
+def _mlp_fwd(x, w1, b1, w2, b2):
+  a = x @ w1 + b1
+  return jax.nn.gelu(a, approximate=False) @ w2 + b2, (x, w1, w2, a)
+
+
+def _mlp_bwd(res, g):
+  x, w1, w2, a = res
+  rows = lambda t: t.reshape(-1, t.shape[-1])
+  x2, a2, g2 = rows(x), rows(a), rows(g)
+  contract_rows = lambda u, v: jax.lax.dot_general(u, v, (((0,), (0,)), ((), ())))
+  da = (g2 @ w2.T) * _gelu_derivative(a2)
+  return ((da @ w1.T).reshape(x.shape), contract_rows(x2, da), jnp.sum(da, axis=0),
+          contract_rows(jax.nn.gelu(a2, approximate=False), g2), jnp.sum(g2, axis=0))
+
+
+mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+@jax.custom_vjp
+def linear(x: Array, w: Array, b: Array) -> Array:
+  """x @ w + b, x (..., D_in); its backward on (rows, features) matrices, as `mlp`'s."""
+  return x @ w + b
+
+
+def _linear_fwd(x, w, b):
+  return x @ w + b, (x, w)
+
+
+def _linear_bwd(res, g):
+  x, w = res
+  g2 = g.reshape(-1, g.shape[-1])
+  dw = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g2, (((0,), (0,)), ((), ())))
+  return (g @ w.T, dw, jnp.sum(g2, axis=0))
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _linear_params(module: nn.Module, in_features: int, features: int):
+  """The kernel (in, out) and bias (out,) of an official trainable Linear, as nn.Dense names
+  them, float32, trunc-normal kernel init."""
+  return (module.param("kernel", trunc_normal_init(), (in_features, features)),
+          module.param("bias", nn.initializers.zeros, (features,)))
+
+
+class _DenseParams(nn.Module):
+  """Only the parameters of a trainable Linear (`mlp` computes with them)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[Array, Array]:
+    return _linear_params(self, in_features, self.features)
+
+
+class _Dense(nn.Module):
+  """A trainable official Linear through `linear`. (..., D_in) -> (..., features)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w, b = _linear_params(self, x.shape[-1], self.features)
+    return linear(*nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype))
+
+
 class TrainableMlp(nn.Module):
-  """fc1 -> GELU(erf) -> fc2 with the official trunc-normal init. (..., D) -> (..., D)."""
+  """fc1 -> GELU(erf) -> fc2 with the official trunc-normal init. (..., D) -> (..., D).
+
+  Parameters as two nn.Dense would hold them (fc1/kernel, fc1/bias, ...); computed by `mlp`.
+  """
   hidden_dim: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    x = _dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
-    return _dense(d, dtype=self.dtype, name="fc2")(x)
+    w1, b1 = _DenseParams(self.hidden_dim, name="fc1")(d)
+    w2, b2 = _DenseParams(d, name="fc2")(self.hidden_dim)
+    return mlp(*nn.dtypes.promote_dtype(x, w1, b1, w2, b2, dtype=self.dtype))
 
 
 class AggregationAttention(nn.Module):
@@ -74,7 +160,7 @@ class AggregationAttention(nn.Module):
   def __call__(self, x: Array, y: Array) -> Array:
     q, k, v = _cross_qkv(x, y, self.num_heads, self.dtype)
     out = jax.nn.dot_product_attention(q, k, v)  # scale d**-0.5
-    return _dense(x.shape[-1], dtype=self.dtype, name="proj")(out.reshape(x.shape))
+    return _Dense(x.shape[-1], dtype=self.dtype, name="proj")(out.reshape(x.shape))
 
 
 def _cross_qkv(x: Array, y: Array, num_heads: int, dtype) -> tuple[Array, Array, Array]:
@@ -82,8 +168,8 @@ def _cross_qkv(x: Array, y: Array, num_heads: int, dtype) -> tuple[Array, Array,
   q (B, Tq, H, d), k and v (B, Tk, H, d); kv channels are [k | v] as in the official Linear."""
   b, tq, dim = x.shape
   d = dim // num_heads
-  q = _dense(dim, dtype=dtype, name="q")(x).reshape(b, tq, num_heads, d)
-  kv = _dense(2 * dim, dtype=dtype, name="kv")(y).reshape(b, y.shape[1], 2, num_heads, d)
+  q = _Dense(dim, dtype=dtype, name="q")(x).reshape(b, tq, num_heads, d)
+  kv = _Dense(2 * dim, dtype=dtype, name="kv")(y).reshape(b, y.shape[1], 2, num_heads, d)
   return q, kv[:, :, 0], kv[:, :, 1]
 
 
@@ -135,7 +221,7 @@ class PrototypeAttention(nn.Module):
     attn = jax.nn.relu(attn)
     self.sow("intermediates", "attn", attn)
     out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, dim)
-    return _dense(dim, dtype=self.dtype, name="proj")(out)
+    return _Dense(dim, dtype=self.dtype, name="proj")(out)
 
 
 class PrototypeBlock(nn.Module):
@@ -247,22 +333,52 @@ class INPFormer(nn.Module):
     p = self.encoder.num_prefix_tokens
     return [jax.lax.stop_gradient(x[:, p:]) for x in layers]
 
+  @property
+  def fused_derivable(self) -> bool:
+    """Whether the fused input is a function of the groups (`fused_from_groups`): always for
+    'concat'; for 'mean' when the groups partition the target layers into equal sizes (then
+    the mean of the group means is the mean of all layers). The feature cache then stores
+    the groups only."""
+    if self.fusion == "concat":
+      return True
+    flat = sorted(i for g in self.fuse_groups for i in g)
+    return (len({len(g) for g in self.fuse_groups}) == 1
+            and flat == list(range(len(self.target_layers))))
+
+  def fused_from_groups(self, groups: Sequence[Array]) -> Array:
+    """The decoder's fused input (B, N, D) from the groups, when `fused_derivable`; at least
+    float32 (a bfloat16 feature cache's groups are averaged in float32)."""
+    groups = [_at_least_f32(g) for g in groups]
+    if self.fusion == "concat":
+      return jnp.concatenate(groups, axis=-1)
+    return jnp.mean(jnp.stack(groups, axis=1), axis=1)
+
   def encode(self, images: Array) -> dict:
     """Encoder side only (what the feature cache stores). -> {"en_tokens", "fused"}.
 
-    en_tokens: one (B, N, C_g) array per group; fused: the decoder's input (B, N, D).
+    en_tokens: one (B, N, C_g) array per group; fused: the decoder's input (B, N, D),
+    computed from the groups when it can be (`fused_derivable`), so that a cached run that
+    stores only the groups derives the same bits.
     """
     layers = self.encoder_layers(images)
     if self.fusion == "concat":
       groups = [jnp.concatenate([layers[i] for i in g], axis=-1) for g in self.fuse_groups]
-      return {"en_tokens": groups, "fused": jnp.concatenate(groups, axis=-1)}
-    fused = jnp.mean(jnp.stack(layers, axis=1), axis=1)
-    return {"en_tokens": _group_means(layers, self.fuse_groups), "fused": fused}
+    else:
+      groups = _group_means(layers, self.fuse_groups)
+    if self.fused_derivable:
+      return {"en_tokens": groups, "fused": self.fused_from_groups(groups)}
+    return {"en_tokens": groups, "fused": jnp.mean(jnp.stack(layers, axis=1), axis=1)}
 
   # -- INP-Former proper --------------------------------------------------------------
 
-  def decode(self, en_tokens: Sequence[Array], fused: Array) -> dict:
-    """Everything after the encoder. en_tokens: groups (B, N, C_g); fused (B, N, D)."""
+  def decode(self, en_tokens: Sequence[Array], fused: Array | None = None) -> dict:
+    """Everything after the encoder. en_tokens: groups (B, N, C_g); fused (B, N, D), or None:
+    `fused_from_groups(en_tokens)` (needs `fused_derivable`)."""
+    if fused is None:
+      if not self.fused_derivable:
+        raise ValueError(f"fuse_groups {self.fuse_groups} do not determine the fused input "
+                         "(fusion='mean' with unequal or partial groups): pass it")
+      fused = self.fused_from_groups(en_tokens)
     b, n, dim = fused.shape
     side = int(round(n ** 0.5))
     if side * side != n:

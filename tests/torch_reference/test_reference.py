@@ -313,13 +313,17 @@ def test_bench_functions_run_on_a_tiny_model():
   """Smoke test of the benchmark API (no timing is asserted)."""
   tiny = {"embed_dim": 24, "num_heads": 2, "depth": 10}
   try:
-    for kw in ({}, {"cache_features": True, "bf16": True}):
+    for kw in ({}, {"cache_features": True, "bf16": True}, {"cache_features": True, "amp": True}):
       ips = bench.torch_train_images_per_sec(tiny, 28, 2, 1, warmup=1, num_threads=1, **kw)
       assert np.isfinite(ips) and ips > 0
-    ips = bench.torch_infer_images_per_sec(tiny, 28, 2, 1, bf16=True, warmup=0, num_threads=1)
-    assert np.isfinite(ips) and ips > 0
+    for kw in ({"bf16": True}, {"amp": True}):
+      ips = bench.torch_infer_images_per_sec(tiny, 28, 2, 1, warmup=0, num_threads=1, **kw)
+      assert np.isfinite(ips) and ips > 0
     with pytest.raises(ValueError, match="steps"):
       bench.torch_infer_images_per_sec(tiny, 28, 2, 0, num_threads=1)
+    # the encoder's CPU autocast would do nothing on a GPU: refused before any CUDA call
+    with pytest.raises(ValueError, match="amp=True"):
+      bench.torch_infer_images_per_sec(tiny, 28, 2, 1, bf16=True, device="cuda")
   finally:
     torch.set_flush_denormal(False)  # bench turns it on process-wide
     torch.set_num_threads(1)  # the module fixture restores the original count
