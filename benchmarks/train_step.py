@@ -9,14 +9,16 @@ batch. With `--cache on` our step starts from stored encoder features
 (config.train.cache_features); the PyTorch side is then still the official step, which has no
 cache. Each side is built and runs `--warmup` untimed steps (JAX: the compile); then
 `--pairs` rounds alternate `--steps` timed steps of ours and of PyTorch's, so load changes
-hit both; images/s = batch * steps / time of a round, median over the rounds. In one
-process: the torch side gets one thread per core, XLA the project's CPU flags
+hit both; images/s = batch * steps / time of a round, median over the rounds. Two processes
+(PyTorch in a spawned worker that waits on a pipe while ours runs, so neither side's idle
+threads spin beside the other): torch gets one thread per core, XLA the project's CPU flags
 (inpformer_jax/xla_flags.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -105,24 +107,41 @@ def jax_train_images_per_sec(variant: str, image_size: int, batch: int, steps: i
   return batch * steps / seconds
 
 
+def _torch_worker(conn, variant, size: int, batch: int, warmup: int) -> None:
+  """The PyTorch side in a process of its own: builds the official step, warms it up, then
+  times `n` steps per request until it gets None (its threads sleep while ours run)."""
+  from benchmarks.torch_reference import bench  # pylint: disable=g-import-not-at-top
+  step = bench.train_step_fn(bench.TINY if variant == TINY else variant, size, batch)
+  bench.time_calls(step, warmup, 1)
+  conn.send("ready")
+  while (n := conn.recv()) is not None:
+    conn.send(sum(bench.time_calls(step, 0, n)))
+
+
 def _pair_rows(variant, size, batch, cached, args):
-  """Alternating timed rounds of our step and the PyTorch step (both built and warmed up
-  first) -> {"jax": [images/s per round], "torch": [...]}."""
+  """Alternating timed rounds of our step (this process) and the official PyTorch step (a
+  worker process; the official code has no feature cache, so it is our cached step's
+  reference too), both built and warmed up first -> {"jax": [images/s per round], "torch"}."""
   c = train_config(variant, size, batch)
   _, step, state, encoder, arrays = prepare_train_step(c, cached)
   state, _ = run_steps(step, state, encoder, arrays, args.warmup)
-  torch_step = None
+  conn = worker = None
   if not args.no_torch:
-    from benchmarks.torch_reference import bench  # pylint: disable=g-import-not-at-top
-    # The official code has no feature cache: our cached step is compared with its step.
-    torch_step = bench.train_step_fn(bench.TINY if variant == TINY else variant, size, batch)
-    bench.time_calls(torch_step, args.warmup, 1)
+    conn, child = multiprocessing.get_context("spawn").Pipe()
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_torch_worker, args=(child, variant, size, batch, args.warmup))
+    worker.start()
+    conn.recv()
   out = {"jax": [], "torch": []}
   for _ in range(args.pairs):
     state, seconds = run_steps(step, state, encoder, arrays, args.steps)
     out["jax"].append(batch * args.steps / seconds)
-    if torch_step is not None:
-      out["torch"].append(batch * args.steps / sum(bench.time_calls(torch_step, 0, args.steps)))
+    if conn is not None:
+      conn.send(args.steps)
+      out["torch"].append(batch * args.steps / conn.recv())
+  if conn is not None:
+    conn.send(None)
+    worker.join()
   return out
 
 
