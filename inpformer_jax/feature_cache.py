@@ -57,24 +57,27 @@ from inpformer_jax.models.inp_former import INPFormer
 FUSED = "fused"
 
 
+def _names(num_groups: int) -> tuple[str, ...]:
+  """group_0, ..., group_{G-1}, fused: every array a cache of G groups can hold."""
+  return (*(f"group_{g}" for g in range(num_groups)), FUSED)
+
+
 def keys(model: INPFormer) -> tuple[str, ...]:
   """The cached arrays of `model`: its groups, and the fused input only when the groups do
   not determine it (`INPFormer.fused_derivable`)."""
-  groups = tuple(f"group_{g}" for g in range(len(model.fuse_groups)))
-  return groups if model.fused_derivable else (*groups, FUSED)
+  names = _names(len(model.fuse_groups))
+  return names[:-1] if model.fused_derivable else names
 
 
 def decode_inputs(batch: dict) -> tuple[list, jax.Array | None]:
   """A cached batch -> (en_tokens, fused or None: derived), the arguments of
   `INPFormer.decode`."""
-  groups = [batch[f"group_{g}"] for g in range(len(batch) - (FUSED in batch))]
-  return groups, batch.get(FUSED)
+  return [batch[k] for k in _names(len(batch) - (FUSED in batch))[:-1]], batch.get(FUSED)
 
 
 def cached_arrays(model: INPFormer, enc: dict, dtype=jnp.float32) -> dict:
   """`model.encode`'s output -> what the cache stores of it (`keys(model)`), in `dtype`."""
-  arrays = dict(zip((*(f"group_{g}" for g in range(len(enc["en_tokens"]))), FUSED),
-                    [*enc["en_tokens"], enc["fused"]]))
+  arrays = dict(zip(_names(len(enc["en_tokens"])), [*enc["en_tokens"], enc["fused"]]))
   return {k: arrays[k].astype(dtype) for k in keys(model)}
 
 
