@@ -23,8 +23,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from inpformer_jax import allocator  # noqa: E402
 from inpformer_jax import xla_flags  # noqa: E402
 
+if __name__ == "__main__":
+  allocator.use_tcmalloc()  # as the command lines run; before JAX is imported
 xla_flags.configure_cpu_flags()
 
 import jax  # noqa: E402
@@ -91,7 +94,7 @@ def main(argv=None):
   f, e = statistics.median(fw), statistics.median(ev)
   print(f"{dev.platform} ({dev.device_kind}) x {jax.device_count()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}; {config.model.encoder} at {s}px, eval batch "
-        f"{b}, {len(test.samples)} test images, median of {a.repeats}")
+        f"{b}, {len(test.samples)} test images, median of {a.repeats}; {allocator.describe()}")
   print("| loop | images/s |")
   print("|---|---:|")
   print(f"| forward only | {f:.1f} |")

@@ -12,13 +12,16 @@ cache. Each side is built and runs `--warmup` untimed steps (JAX: the compile); 
 hit both; images/s = batch * steps / time of a round, median over the rounds. Two processes
 (PyTorch in a spawned worker that waits on a pipe while ours runs, so neither side's idle
 threads spin beside the other): torch gets one thread per core, XLA the project's CPU flags
-(inpformer_jax/xla_flags.py)."""
+(inpformer_jax/xla_flags.py). Ours runs as the command lines do, under tcmalloc when it is
+installed (inpformer_jax/allocator.py); PyTorch under the same allocator, or with
+`--torch-allocator system` under the system malloc (the official code launched plainly).
+The header names both sides' allocators."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -28,13 +31,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inpformer_jax import allocator  # noqa: E402
 from inpformer_jax import xla_flags  # noqa: E402
 
+if __name__ == "__main__":
+  allocator.use_tcmalloc()  # as the command lines run; before JAX is imported
 xla_flags.configure_cpu_flags()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.torch_reference import worker as worker_lib  # noqa: E402
 from configs import common  # noqa: E402
 from inpformer_jax import feature_cache, sharding, train  # noqa: E402
 from inpformer_jax import params as params_lib  # noqa: E402
@@ -107,41 +114,27 @@ def jax_train_images_per_sec(variant: str, image_size: int, batch: int, steps: i
   return batch * steps / seconds
 
 
-def _torch_worker(conn, variant, size: int, batch: int, warmup: int) -> None:
-  """The PyTorch side in a process of its own: builds the official step, warms it up, then
-  times `n` steps per request until it gets None (its threads sleep while ours run)."""
-  from benchmarks.torch_reference import bench  # pylint: disable=g-import-not-at-top
-  step = bench.train_step_fn(bench.TINY if variant == TINY else variant, size, batch)
-  bench.time_calls(step, warmup, 1)
-  conn.send("ready")
-  while (n := conn.recv()) is not None:
-    conn.send(sum(bench.time_calls(step, 0, n)))
-
-
 def _pair_rows(variant, size, batch, cached, args):
   """Alternating timed rounds of our step (this process) and the official PyTorch step (a
   worker process; the official code has no feature cache, so it is our cached step's
-  reference too), both built and warmed up first -> {"jax": [images/s per round], "torch"}."""
+  reference too), both built and warmed up first -> {"jax": [images/s per round], "torch",
+  "torch_allocator"}."""
   c = train_config(variant, size, batch)
   _, step, state, encoder, arrays = prepare_train_step(c, cached)
   state, _ = run_steps(step, state, encoder, arrays, args.warmup)
-  conn = worker = None
-  if not args.no_torch:
-    conn, child = multiprocessing.get_context("spawn").Pipe()
-    worker = multiprocessing.get_context("spawn").Process(
-        target=_torch_worker, args=(child, variant, size, batch, args.warmup))
-    worker.start()
-    conn.recv()
-  out = {"jax": [], "torch": []}
-  for _ in range(args.pairs):
-    state, seconds = run_steps(step, state, encoder, arrays, args.steps)
-    out["jax"].append(batch * args.steps / seconds)
-    if conn is not None:
-      conn.send(args.steps)
-      out["torch"].append(batch * args.steps / conn.recv())
-  if conn is not None:
-    conn.send(None)
-    worker.join()
+  out = {"jax": [], "torch": [], "torch_allocator": None}
+  with contextlib.ExitStack() as stack:
+    torch_side = None
+    if not args.no_torch:
+      torch_side = stack.enter_context(worker_lib.Worker(
+          "train", variant, size, batch, warmup=args.warmup,
+          allocator=args.torch_allocator))
+      out["torch_allocator"] = torch_side.allocator
+    for _ in range(args.pairs):
+      state, seconds = run_steps(step, state, encoder, arrays, args.steps)
+      out["jax"].append(batch * args.steps / seconds)
+      if torch_side is not None:
+        out["torch"].append(batch * args.steps / torch_side.seconds(args.steps))
   return out
 
 
@@ -156,13 +149,17 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--cache", default="off,on", help="feature cache settings to time: off,on")
   p.add_argument("--no-torch", action="store_true", help="time the JAX side only")
+  p.add_argument("--torch-allocator", default=worker_lib.SAME,
+                 choices=[worker_lib.SAME, worker_lib.SYSTEM],
+                 help="PyTorch's malloc: ours (same) or the system's")
   p.add_argument("--json", help="also write the table to this file")
   args = p.parse_args(argv)
 
-  rows = []
+  rows, printed_torch_allocator = [], False
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, host: "
         f"{platform.machine()} ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}),"
-        f" {args.steps} timed steps x {args.pairs} alternating rounds, float32")
+        f" {args.steps} timed steps x {args.pairs} alternating rounds, float32; jax under "
+        f"{allocator.describe()}", flush=True)
   print("| config | batch | cache | jax img/s | torch img/s | jax/torch | rounds jax / torch |")
   print("|---|---:|---|---:|---:|---:|---|")
   for item in args.configs.split(","):
@@ -177,6 +174,9 @@ def main(argv=None):
              "batch": batch, "jax_images_per_sec": ours, "torch_images_per_sec": theirs,
              "ratio": ours / theirs if theirs == theirs else None, "rounds": r}
       rows.append(row)
+      if r["torch_allocator"] and not printed_torch_allocator:
+        print(f"(torch worker under {r['torch_allocator']})", flush=True)
+        printed_torch_allocator = True
       ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
       rounds = (", ".join(f"{v:.2f}" for v in r["jax"]) + " / "
                 + ", ".join(f"{v:.2f}" for v in r["torch"]))
@@ -184,6 +184,7 @@ def main(argv=None):
             f"{rounds} |", flush=True)
   if args.json:
     Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind,
+                                           "jax_allocator": allocator.describe(),
                                            "rows": rows}, indent=2))
 
 

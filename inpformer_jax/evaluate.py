@@ -9,8 +9,9 @@
 Maps are reduced per class as they arrive (`metrics.MetricAccumulator`), so host memory is
 bounded by one class, never by the test set. Every process runs the same number of padded
 batches and accumulates only its own valid rows (`pipeline.eval_batches` gives each its slice
-of every global batch), so each test image is evaluated once. At the end every class is
-merged exactly across processes (`result(reduce)`, in the order of `samples`, the same
+of every global batch), so each test image is evaluated once. One process computes each
+class's metrics in a worker thread as soon as the class's last image is in; with several, at
+the end every class is merged exactly across processes (`result(reduce)`, in the order of `samples`, the same
 everywhere): the anomalous pixels (score + region area) and the image labels and scores
 are gathered to every process and the negatives' counts summed; the normal pixels never
 leave their process. Process 0 returns the results (and `reports` writes).
@@ -28,6 +29,7 @@ part on each, briefly), i.e. ~26 MB per device for those 6.6 M positives.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -86,6 +88,10 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
   accs = {key: metrics_lib.MetricAccumulator(protocol=ec.protocol, gt_threshold=ec.gt_threshold)
           for key in has_mask}
   gallery = visuals.Gallery(ec.gallery_size) if ec.gallery_size else None
+  # One process: a class's metrics (the sort of its pixels) are computed in a thread as soon
+  # as its last image is in, beside the forwards of the next classes, not all after the last
+  # batch. Several processes compute them in one order at the end (the merge's collectives).
+  early = _EarlyResults(samples) if jax.process_count() == 1 else None
   n_rows, t0 = 0, time.time()
   outputs = _ahead(lambda b: forward(params, sharding.global_batch({"image": b["image"]},
                                                                    mesh)["image"]), batches)
@@ -105,12 +111,14 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
         gallery.add(key, np.asarray(batch["image"])[rows],
                     masks[rows] if has_mask[key] else None, maps[rows], scores[rows], labels,
                     [_name(s) for s in picked], [s.defect for s in picked])
+      if early is not None:
+        early.seen(key, len(rows), accs[key])
   logging.info("process %d/%d evaluated %d of %d test images in %.1fs", jax.process_index(),
                jax.process_count(), n_rows, len(samples), time.time() - t0)
   reduce = _ProcessGather() if jax.process_count() > 1 else None
   results: dict[str, dict[str, dict]] = {}
   for (dataset, category), acc in accs.items():
-    res = acc.result(reduce)
+    res = early.result((dataset, category), acc) if early is not None else acc.result(reduce)
     # Metrics keep their info: reports read from it why pixel metrics are absent.
     results.setdefault(dataset, {})[category] = metrics_lib.Metrics(
         {k: float(v) for k, v in res.items()}, res.info)
@@ -135,6 +143,32 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
           decided_by="calibrated" if m.info.get("calibrated") else "F1-optimal",
           **({"scale_source": f"{checkpoint.CALIBRATION_FILE}'s pixel range"} if scale else {}))
   return results
+
+
+class _EarlyResults:
+  """`MetricAccumulator.result()` of each class in a worker thread once all its rows are in
+  (one process only). NumPy's sorts release the GIL, so on a CPU the other core sorts while
+  this one feeds the next batches, and little is left after the last batch."""
+
+  def __init__(self, samples: Sequence[Sample]):
+    self._left: dict[tuple[str, str], int] = {}
+    for s in samples:
+      key = (s.dataset, s.category)
+      self._left[key] = self._left.get(key, 0) + 1
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="class-metrics")
+    self._futures: dict = {}
+
+  def seen(self, key, n: int, acc: metrics_lib.MetricAccumulator) -> None:
+    self._left[key] -= n
+    if self._left[key] == 0:
+      self._futures[key] = self._pool.submit(acc.result)
+
+  def result(self, key, acc: metrics_lib.MetricAccumulator) -> metrics_lib.Metrics:
+    future = self._futures.pop(key, None)
+    out = future.result() if future is not None else acc.result()
+    if not self._futures:
+      self._pool.shutdown()
+    return out
 
 
 def _ahead(forward, batches):

@@ -21,6 +21,11 @@ A user mistake (an unknown field, a wrong value, a missing dataset or checkpoint
 import os
 import sys
 
+from inpformer_jax import allocator
+
+if __name__ == "__main__":
+  allocator.use_tcmalloc()  # re-executes this command under tcmalloc, before JAX is imported
+
 from absl import flags
 from absl import logging
 import jax
@@ -52,8 +57,8 @@ def main(argv):
   xla_flags.configure_cpu_flags()  # before JAX creates its CPU backend
   # Before any other JAX computation (multi-host through jax.distributed).
   sharding.initialize_distributed(config)
-  logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
-               jax.devices())
+  logging.info("JAX %s, %d process(es), devices: %s, allocator: %s", jax.__version__,
+               jax.process_count(), jax.devices(), allocator.describe())
   train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
 
 

@@ -148,11 +148,12 @@ def train_step_times(variant: Any, image_size: int, batch: int, steps: int, *,
   return time_calls(train_step_fn(variant, image_size, batch, **kw), warmup, steps)
 
 
-def infer_step_times(variant: Any, image_size: int, batch: int, steps: int, *, bf16: bool = False,
-                     warmup: int = 2, attn_impl: str = "official", num_threads: int | None = None,
-                     seed: int = 0, device: str = "cpu", amp: bool = False) -> list[float]:
-  """Seconds per inference batch: forward, maps, 256 resize, gaussian, top-1% score.
-  amp: all of it under autocast(device, bfloat16)."""
+def infer_fn(variant: Any, image_size: int, batch: int, *, bf16: bool = False,
+             attn_impl: str = "official", num_threads: int | None = None, seed: int = 0,
+             device: str = "cpu", amp: bool = False):
+  """-> a callable running one inference batch (forward, maps, 256 resize, gaussian, top-1%
+  score) on one fixed batch, synchronised with the device. amp: all of it under
+  autocast(device, bfloat16)."""
   setup_torch(num_threads)
   torch.manual_seed(seed)
   dev = torch.device(device)
@@ -163,7 +164,13 @@ def infer_step_times(variant: Any, image_size: int, batch: int, steps: int, *, b
     with _amp(dev) if amp else contextlib.nullcontext():
       return R.infer(model, images, bf16=bf16)
 
-  return time_calls(_synced(call, dev), warmup, steps)
+  return _synced(call, dev)
+
+
+def infer_step_times(variant: Any, image_size: int, batch: int, steps: int, *,
+                     warmup: int = 2, **kw) -> list[float]:
+  """Seconds per inference batch, `steps` of them after `warmup`; kw: those of `infer_fn`."""
+  return time_calls(infer_fn(variant, image_size, batch, **kw), warmup, steps)
 
 
 def torch_train_images_per_sec(variant: Any, image_size: int, batch: int, steps: int,

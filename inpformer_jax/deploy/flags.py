@@ -9,6 +9,7 @@ from absl import flags as absl_flags
 from inpformer_jax import cli
 from inpformer_jax import errors
 from inpformer_jax import loading
+from inpformer_jax import xla_flags
 
 
 class FlagError(errors.UserError, ValueError):
@@ -37,6 +38,8 @@ def define(fv: absl_flags.FlagValues) -> None:
 
 
 def load(a: absl_flags.FlagValues) -> loading.Loaded:
+  # The evaluation's XLA flags for the same forward, set before the model's first JAX call.
+  xla_flags.configure_cpu_flags()
   return loading.load(a.checkpoint, image_size=a.image_size, resize=a.resize,
                       zero_shot=a.zero_shot, calibration=a.calibration)
 

@@ -39,6 +39,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from inpformer_jax import allocator
+
+if __name__ == "__main__":
+  allocator.use_tcmalloc()  # re-executes this command under tcmalloc, before JAX is imported
+
 from absl import flags as absl_flags
 import numpy as np
 from PIL import Image

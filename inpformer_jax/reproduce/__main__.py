@@ -18,6 +18,11 @@ from __future__ import annotations
 import os
 import sys
 
+from inpformer_jax import allocator
+
+if __name__ == "__main__":
+  allocator.use_tcmalloc()  # re-executes this command under tcmalloc, before JAX is imported
+
 from absl import flags
 from absl import logging
 import jax
