@@ -134,9 +134,11 @@ def main(argv=None):
       calls = {name: jax_call(model, params, a.image_size, exported)
                for name, exported in [("jax live", False)]
                + ([] if a.no_export else [("jax exported", True)])}
-      fns = {name: (lambda c=c: jax.block_until_ready(c(params, x))) for name, c in calls.items()}
-      for fn in fns.values():
+      once = {name: (lambda c=c: jax.block_until_ready(c(params, x))) for name, c in calls.items()}
+      for fn in once.values():
         seconds(fn, a.warmup)
+      # Each side's round: the seconds of a.steps calls.
+      fns = {name: (lambda fn=fn: seconds(fn, a.steps)) for name, fn in once.items()}
       with contextlib.ExitStack() as stack:
         if not a.no_torch:
           w = stack.enter_context(worker_lib.Worker(
@@ -147,8 +149,7 @@ def main(argv=None):
         rounds = {name: [] for name in fns}
         for _ in range(a.pairs):
           for name, fn in fns.items():
-            t = fn() if name.startswith("torch") else seconds(fn, a.steps)
-            rounds[name].append(t / a.steps)
+            rounds[name].append(fn() / a.steps)
       for name, per_batch in rounds.items():
         rows.append((name, dtype, b, per_batch))
         print(f"  {name:13s} {dtype:9s} b={b:<3d} "

@@ -11,10 +11,10 @@ bounded by one class, never by the test set. Every process runs the same number 
 batches and accumulates only its own valid rows (`pipeline.eval_batches` gives each its slice
 of every global batch), so each test image is evaluated once. One process computes each
 class's metrics in a worker thread as soon as the class's last image is in; with several, at
-the end every class is merged exactly across processes (`result(reduce)`, in the order of `samples`, the same
-everywhere): the anomalous pixels (score + region area) and the image labels and scores
-are gathered to every process and the negatives' counts summed; the normal pixels never
-leave their process. Process 0 returns the results (and `reports` writes).
+the end every class is merged exactly across processes (`result(reduce)`, in the order of
+`samples`, the same everywhere): the anomalous pixels (score + region area) and the image
+labels and scores are gathered to every process and the negatives' counts summed; the normal
+pixels never leave their process. Process 0 returns the results (and `reports` writes).
 
 Per-process memory of the merge, for a class of N test images of which a fraction f of the
 256x256 pixels is anomalous, on P processes: the local state, 4 B per normal and 8 B per
@@ -82,16 +82,18 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
   # Every class of `samples`, in one order on every process (the merge's collectives follow
   # it), with masks decided per class: a process may see no rows of a class.
   has_mask: dict[tuple[str, str], bool] = {}
+  counts: dict[tuple[str, str], int] = {}
   for s in samples:
     key = (s.dataset, s.category)
     has_mask[key] = has_mask.get(key, True) and s.has_mask
+    counts[key] = counts.get(key, 0) + 1
   accs = {key: metrics_lib.MetricAccumulator(protocol=ec.protocol, gt_threshold=ec.gt_threshold)
           for key in has_mask}
   gallery = visuals.Gallery(ec.gallery_size) if ec.gallery_size else None
   # One process: a class's metrics (the sort of its pixels) are computed in a thread as soon
   # as its last image is in, beside the forwards of the next classes, not all after the last
   # batch. Several processes compute them in one order at the end (the merge's collectives).
-  early = _EarlyResults(samples) if jax.process_count() == 1 else None
+  early = _EarlyResults(counts, accs) if jax.process_count() == 1 else None
   n_rows, t0 = 0, time.time()
   outputs = _ahead(lambda b: forward(params, sharding.global_batch({"image": b["image"]},
                                                                    mesh)["image"]), batches)
@@ -112,13 +114,13 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
                     masks[rows] if has_mask[key] else None, maps[rows], scores[rows], labels,
                     [_name(s) for s in picked], [s.defect for s in picked])
       if early is not None:
-        early.seen(key, len(rows), accs[key])
+        early.seen(key, len(rows))
   logging.info("process %d/%d evaluated %d of %d test images in %.1fs", jax.process_index(),
                jax.process_count(), n_rows, len(samples), time.time() - t0)
   reduce = _ProcessGather() if jax.process_count() > 1 else None
   results: dict[str, dict[str, dict]] = {}
   for (dataset, category), acc in accs.items():
-    res = early.result((dataset, category), acc) if early is not None else acc.result(reduce)
+    res = early.result((dataset, category)) if early is not None else acc.result(reduce)
     # Metrics keep their info: reports read from it why pixel metrics are absent.
     results.setdefault(dataset, {})[category] = metrics_lib.Metrics(
         {k: float(v) for k, v in res.items()}, res.info)
@@ -150,22 +152,19 @@ class _EarlyResults:
   (one process only). NumPy's sorts release the GIL, so on a CPU the other core sorts while
   this one feeds the next batches, and little is left after the last batch."""
 
-  def __init__(self, samples: Sequence[Sample]):
-    self._left: dict[tuple[str, str], int] = {}
-    for s in samples:
-      key = (s.dataset, s.category)
-      self._left[key] = self._left.get(key, 0) + 1
+  def __init__(self, counts: dict, accs: dict):
+    self._left, self._accs = dict(counts), accs  # test images per class still to come
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="class-metrics")
     self._futures: dict = {}
 
-  def seen(self, key, n: int, acc: metrics_lib.MetricAccumulator) -> None:
+  def seen(self, key, n: int) -> None:
     self._left[key] -= n
     if self._left[key] == 0:
-      self._futures[key] = self._pool.submit(acc.result)
+      self._futures[key] = self._pool.submit(self._accs[key].result)
 
-  def result(self, key, acc: metrics_lib.MetricAccumulator) -> metrics_lib.Metrics:
+  def result(self, key) -> metrics_lib.Metrics:
     future = self._futures.pop(key, None)
-    out = future.result() if future is not None else acc.result()
+    out = future.result() if future is not None else self._accs[key].result()
     if not self._futures:
       self._pool.shutdown()
     return out

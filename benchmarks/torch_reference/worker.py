@@ -47,10 +47,10 @@ def _environment(allocator: str):
 
 
 class Worker:
-  """kind 'train' (bench.train_step_fn) or 'infer' (bench.infer_fn) with *args/**kwargs
-  (the variant first: 'small', 'base', 'large' or TINY),
-  built and warmed up (`warmup` calls) in a spawned process before the constructor returns.
-  `allocator` names the worker's allocator as it reports it (`allocator.describe()`)."""
+  """kind 'train' (bench.train_step_fn) or 'infer' (bench.infer_fn) with *args/**kwargs (the
+  variant first: 'small', 'base', 'large' or TINY), built and warmed up (`warmup` calls) in a
+  spawned process before the constructor returns. `allocator` names the worker's allocator
+  as it reports it (`allocator.describe()`)."""
 
   def __init__(self, kind: str, *args, warmup: int = 2, allocator: str = SAME, **kwargs):
     ctx = multiprocessing.get_context("spawn")
