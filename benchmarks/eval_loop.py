@@ -7,10 +7,13 @@ r"""The evaluation command's images/s next to the forward-only images/s of the s
 forward-only: the jitted forward that evaluation runs (`evaluate.make_forward`: model, maps,
 scores) on one batch already on the device, called back to back, timed until the last result
 is ready: what the model alone can do. evaluation: `evaluate.evaluate` on the whole test set
-(reading and resizing the images, masks, per-class metric accumulation, the report gallery,
-the final metrics), compiled first by an untimed run; images/s = test images / wall time.
+as the command runs it (reading and resizing the images, masks, per-class metric
+accumulation, the final metrics, the report gallery's panels written into a temporary
+workdir), compiled first by an untimed run; images/s = test images / wall time.
 The trained part has random weights (speed does not depend on them); the encoder is the
-config's. Prints both, their ratio, and the median of --repeats runs of each.
+config's. Prints both (median of --repeats runs of each, alternating), the ratio of the
+medians and the median of each round's ratio: a shared machine drifts between rounds, a
+round's two runs are seconds apart.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -80,10 +84,11 @@ def main(argv=None):
       return b * a.forward_batches / (time.perf_counter() - t0)
 
     def evaluation() -> float:
-      t0 = time.perf_counter()
-      eval_lib.evaluate(r.model, params, test.samples, config, r.mesh, forward=forward,
-                        source=test.source)
-      return len(test.samples) / (time.perf_counter() - t0)
+      with tempfile.TemporaryDirectory() as workdir:
+        t0 = time.perf_counter()
+        eval_lib.evaluate(r.model, params, test.samples, config, r.mesh, forward=forward,
+                          source=test.source, workdir=workdir)
+        return len(test.samples) / (time.perf_counter() - t0)
 
     evaluation()  # compiles what the first call of each shape needs
     fw, ev = [], []
@@ -99,7 +104,9 @@ def main(argv=None):
   print("|---|---:|")
   print(f"| forward only | {f:.1f} |")
   print(f"| evaluation command | {e:.1f} |")
-  print(f"| ratio | {e / f:.2f} |")
+  print(f"| ratio of the medians | {e / f:.2f} |")
+  print(f"| median of the rounds' ratios | "
+        f"{statistics.median(v / u for u, v in zip(fw, ev, strict=True)):.2f} |")
   print("runs: forward " + ", ".join(f"{v:.1f}" for v in fw) + "; evaluation "
         + ", ".join(f"{v:.1f}" for v in ev))
 

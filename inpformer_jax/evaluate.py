@@ -9,12 +9,13 @@
 Maps are reduced per class as they arrive (`metrics.MetricAccumulator`), so host memory is
 bounded by one class, never by the test set. Every process runs the same number of padded
 batches and accumulates only its own valid rows (`pipeline.eval_batches` gives each its slice
-of every global batch), so each test image is evaluated once. One process computes each
-class's metrics in a worker thread as soon as the class's last image is in; with several, at
-the end every class is merged exactly across processes (`result(reduce)`, in the order of
-`samples`, the same everywhere): the anomalous pixels (score + region area) and the image
-labels and scores are gathered to every process and the negatives' counts summed; the normal
-pixels never leave their process. Process 0 returns the results (and `reports` writes).
+of every global batch), so each test image is evaluated once. One process finishes each
+class (metrics, threshold, gallery panels) in a worker thread as soon as the class's last
+image is in; with several, at the end every class is merged exactly across processes
+(`result(reduce)`, in the order of `samples`, the same everywhere): the anomalous pixels
+(score + region area) and the image labels and scores are gathered to every process and the
+negatives' counts summed; the normal pixels never leave their process. Process 0 returns
+the results (and `reports` writes).
 
 Per-process memory of the merge, for a class of N test images of which a fraction f of the
 256x256 pixels is anomalous, on P processes: the local state, 4 B per normal and 8 B per
@@ -53,6 +54,10 @@ from inpformer_jax.data.records import Sample
 from inpformer_jax.deploy import calibration
 
 
+# uint8 crops -> the official normalised float32, bit for bit, where the batch lives.
+_normalize = jax.jit(pipeline.normalize)
+
+
 def make_forward(model, config, mesh):
   """The jitted forward of `config.eval`, its outputs split over the mesh's batch axes."""
   return anomaly_map.jit_maps_and_scores(
@@ -77,94 +82,116 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
   batches = pipeline.eval_batches(None if source is not None else samples,
                                   resize=config.data.resize, crop=config.data.crop,
                                   batch_size=ec.batch_size, num_workers=config.data.num_workers,
-                                  source=source)
+                                  source=source, uint8=True)
   is_main = jax.process_index() == 0
   # Every class of `samples`, in one order on every process (the merge's collectives follow
   # it), with masks decided per class: a process may see no rows of a class.
   has_mask: dict[tuple[str, str], bool] = {}
-  counts: dict[tuple[str, str], int] = {}
   for s in samples:
     key = (s.dataset, s.category)
     has_mask[key] = has_mask.get(key, True) and s.has_mask
-    counts[key] = counts.get(key, 0) + 1
   accs = {key: metrics_lib.MetricAccumulator(protocol=ec.protocol, gt_threshold=ec.gt_threshold)
           for key in has_mask}
-  gallery = visuals.Gallery(ec.gallery_size) if ec.gallery_size else None
-  # One process: a class's metrics (the sort of its pixels) are computed in a thread as soon
-  # as its last image is in, beside the forwards of the next classes, not all after the last
-  # batch. Several processes compute them in one order at the end (the merge's collectives).
-  early = _EarlyResults(counts, accs) if jax.process_count() == 1 else None
+  # This process's test images per class still to come: a class is complete at 0.
+  left: dict[tuple[str, str], int] = {}
+  for i in pipeline.eval_layout(len(samples), ec.batch_size, jax.process_index(),
+                                jax.process_count()):
+    if i >= 0:
+      key = (samples[i].dataset, samples[i].category)
+      left[key] = left.get(key, 0) + 1
+  # The gallery is drawn only where the report is written.
+  gallery = (visuals.Gallery(ec.gallery_size) if ec.gallery_size and workdir is not None
+             else None)
+  finish = _Finish(workdir, gallery) if is_main else None
+  # One process: each class is finished (metrics, threshold, gallery panels) in a thread as
+  # soon as its last image is in, beside the forwards of the next classes. Several processes
+  # merge the classes in one order at the end (collectives).
+  early = _Early() if jax.process_count() == 1 else None
   n_rows, t0 = 0, time.time()
-  outputs = _ahead(lambda b: forward(params, sharding.global_batch({"image": b["image"]},
-                                                                   mesh)["image"]), batches)
+  outputs = _ahead(lambda b: forward(params, _normalize(
+      sharding.global_batch({"image": b["image"]}, mesh)["image"])), batches)
   for batch, out in tqdm.tqdm(outputs, total=len(batches), desc=desc, disable=not is_main,
                               dynamic_ncols=True):
     maps, scores = _local_rows(out["anomaly_map"]), _local_rows(out["score"])
     index = np.asarray(batch["index"])
     masks = anomaly_map.resize_masks_to_map(np.asarray(batch["mask"], np.float32))
-    valid = index >= 0
-    n_rows += int(valid.sum())
-    for key, rows in _group_rows(samples, index[valid]).items():
-      rows = np.flatnonzero(valid)[rows]
-      labels = np.array([samples[i].label for i in index[rows]], np.int32)
+    n_rows += int((index >= 0).sum())
+    for key, rows in _group_rows(samples, index).items():
+      picked = [samples[i] for i in index[rows]]
+      labels = np.array([s.label for s in picked], np.int32)
       accs[key].add(maps[rows], masks[rows] if has_mask[key] else None, labels, scores[rows])
       if gallery is not None:
-        picked = [samples[i] for i in index[rows]]
         gallery.add(key, np.asarray(batch["image"])[rows],
                     masks[rows] if has_mask[key] else None, maps[rows], scores[rows], labels,
                     [_name(s) for s in picked], [s.defect for s in picked])
-      if early is not None:
-        early.seen(key, len(rows))
+      left[key] -= len(picked)
+      if left[key] == 0:
+        if early is not None:
+          early.submit(key, lambda key=key: finish(key, accs[key].result()))
+        elif gallery is not None:
+          gallery.close(key)  # only its kept images' tiles stay until the merge
   logging.info("process %d/%d evaluated %d of %d test images in %.1fs", jax.process_index(),
                jax.process_count(), n_rows, len(samples), time.time() - t0)
-  reduce = _ProcessGather() if jax.process_count() > 1 else None
   results: dict[str, dict[str, dict]] = {}
-  for (dataset, category), acc in accs.items():
-    res = early.result((dataset, category)) if early is not None else acc.result(reduce)
-    # Metrics keep their info: reports read from it why pixel metrics are absent.
-    results.setdefault(dataset, {})[category] = metrics_lib.Metrics(
-        {k: float(v) for k, v in res.items()}, res.info)
-  if gallery is not None and reduce is not None:
-    gallery = _merged(gallery, list(accs), reduce)
+  if early is not None:
+    for key in accs:
+      results.setdefault(key[0], {})[key[1]] = early.result(key)
+    return results
+  reduce = _ProcessGather()
+  merged = {key: acc.result(reduce) for key, acc in accs.items()}
+  if gallery is not None:
+    gallery = _merged(gallery, list(accs), reduce)  # collectives: every process takes part
   if not is_main:
     return {}
-  # WORKDIR/calibration.json (`deploy.calibrate`): its image threshold and pixel range then
-  # decide the page's mistakes and colour scale.
-  cal_path = workdir and checkpoint.calibration_path(workdir)
-  calibrated = cal_path and checkpoint.read_calibration(cal_path)
-  scale = calibration.pixel_range(calibrated)
-  for (dataset, category), m in ((k, results[k[0]][k[1]]) for k in accs):
-    m.info["threshold"] = _f1_threshold(m.info)
-    if calibrated:
-      m.info["calibrated"] = dict(calibrated["image"], source=str(cal_path))
-    if gallery is not None and workdir is not None and (dataset, category) in gallery.keys():
-      decide = m.info.get("calibrated") or m.info["threshold"]
-      m.info["gallery"] = gallery.write(
-          (dataset, category), Path(workdir) / report_page.FILES / dataset / category,
-          decide and decide["threshold"], scale,
-          decided_by="calibrated" if m.info.get("calibrated") else "F1-optimal",
-          **({"scale_source": f"{checkpoint.CALIBRATION_FILE}'s pixel range"} if scale else {}))
+  finish.gallery = gallery
+  for key, res in merged.items():
+    results.setdefault(key[0], {})[key[1]] = finish(key, res)
   return results
 
 
-class _EarlyResults:
-  """`MetricAccumulator.result()` of each class in a worker thread once all its rows are in
-  (one process only). NumPy's sorts release the GIL, so on a CPU the other core sorts while
-  this one feeds the next batches, and little is left after the last batch."""
+class _Finish:
+  """A class's metrics as the report takes them (process 0): the F1-optimal image
+  threshold, the calibration, and the gallery panels under WORKDIR/report_files."""
 
-  def __init__(self, counts: dict, accs: dict):
-    self._left, self._accs = dict(counts), accs  # test images per class still to come
-    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="class-metrics")
+  def __init__(self, workdir, gallery: visuals.Gallery | None):
+    # WORKDIR/calibration.json (`deploy.calibrate`): its image threshold and pixel range then
+    # decide the page's mistakes and colour scale.
+    self.cal_path = workdir and checkpoint.calibration_path(workdir)
+    self.calibrated = self.cal_path and checkpoint.read_calibration(self.cal_path)
+    self.workdir, self.gallery = workdir, gallery
+
+  def __call__(self, key, res: metrics_lib.Metrics) -> metrics_lib.Metrics:
+    # Metrics keep their info: reports read from it why pixel metrics are absent.
+    m = metrics_lib.Metrics({k: float(v) for k, v in res.items()}, res.info)
+    m.info["threshold"] = _f1_threshold(m.info)
+    if self.calibrated:
+      m.info["calibrated"] = dict(self.calibrated["image"], source=str(self.cal_path))
+    if self.gallery is not None and key in self.gallery.keys():
+      scale = calibration.pixel_range(self.calibrated)
+      decide = m.info.get("calibrated") or m.info["threshold"]
+      m.info["gallery"] = self.gallery.write(
+          key, Path(self.workdir) / report_page.FILES / key[0] / key[1],
+          decide and decide["threshold"], scale,
+          decided_by="calibrated" if m.info.get("calibrated") else "F1-optimal",
+          **({"scale_source": f"{checkpoint.CALIBRATION_FILE}'s pixel range"} if scale else {}))
+      self.gallery.drop(key)  # written: its images (some never drawn) are not needed again
+    return m
+
+
+class _Early:
+  """Each class finished in a worker thread once all its rows are in (one process only).
+  NumPy and PIL release the GIL, so on a CPU the other core finishes a class while this one
+  feeds the next batches, and little is left after the last batch."""
+
+  def __init__(self):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="class-finish")
     self._futures: dict = {}
 
-  def seen(self, key, n: int) -> None:
-    self._left[key] -= n
-    if self._left[key] == 0:
-      self._futures[key] = self._pool.submit(self._accs[key].result)
+  def submit(self, key, job) -> None:
+    self._futures[key] = self._pool.submit(job)
 
   def result(self, key) -> metrics_lib.Metrics:
-    future = self._futures.pop(key, None)
-    out = future.result() if future is not None else self._accs[key].result()
+    out = self._futures.pop(key).result()
     if not self._futures:
       self._pool.shutdown()
     return out
@@ -252,9 +279,13 @@ def _bucket(n: int) -> int:
   return -(-n // step) * step
 
 
-def _group_rows(samples, index: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+def _group_rows(samples, index: np.ndarray) -> dict[tuple[str, str], slice | np.ndarray]:
+  """The rows of a batch per class, padding (-1) left out: a slice where they are contiguous
+  (test sets are stored class by class), so the batch's arrays are viewed, not copied."""
   groups: dict[tuple[str, str], list[int]] = {}
   for row, i in enumerate(index):
-    s = samples[int(i)]
-    groups.setdefault((s.dataset, s.category), []).append(row)
-  return {k: np.asarray(v) for k, v in groups.items()}
+    if i >= 0:
+      s = samples[int(i)]
+      groups.setdefault((s.dataset, s.category), []).append(row)
+  return {k: slice(v[0], v[-1] + 1) if v[-1] - v[0] == len(v) - 1 else np.asarray(v)
+          for k, v in groups.items()}

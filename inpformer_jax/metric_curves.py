@@ -1,14 +1,26 @@
 """The curves behind `metrics`: an exact core of counts at the positive scores, and adeval's
-200-bin histograms read off sorted arrays.
+200-bin histograms.
 
 Exact core. For the distinct scores u of the positive (anomalous) pixels it counts the
 positives and negatives at or above u; AUROC, AP, F1max and the PRO curve only change at
 those scores, so they follow exactly from these counts. The negatives enter only through
-`negatives_at` (counts at u) and `official_hist` (counts per bin), both sums over any split of
-the negatives: that is what lets `metrics` merge hosts without moving them.
+counts -- at u (`negatives_at`, on sorted negatives; `negatives_at_fine`, on unsorted ones),
+per value bucket (`fine_hist`) and per official bin (`official_hist`, `official_hist_counts`)
+-- all sums over any split of the negatives: that is what lets `metrics` merge hosts without
+moving them.
 
-Official histogram. The float32 bin rule is monotone in x, so each bin's pixels form a
-contiguous run of the sorted scores, found by bisection.
+F1max and the plotted curves without sorting the negatives. They need the negatives >= u
+only at the u that may hold the maximum and at the <= CURVE_POINTS plotted ones. A histogram
+of the negatives over FINE_NBINS value buckets puts the count at each u between two bucket
+sums; F1 falls as that count grows, so it bounds F1 at every u, and only the u whose upper
+bound reaches the best lower bound can hold the max (`f1max_candidates`); processes sum only
+the bucket counts at u (`fine_ge`). The negatives in the chosen u's buckets are sorted and
+counted exactly, the others by bucket (`negatives_at_fine`).
+
+Official histogram. torch.histc's float32 bin rule applied to every pixel, counted by
+`official_hist_counts` (a bincount, any order). The rule is monotone in x, so on sorted
+scores each bin's pixels form a contiguous run, found by bisection (`official_hist`, which
+also sums weights: the positives' AUPRO stat).
 """
 
 from __future__ import annotations
@@ -22,6 +34,11 @@ OFFICIAL_NBINS = 200  # ader_evaluator: EvalAccumulatorCuda(..., nstrips=200)
 AUPRO_FPR_LIMIT = 0.3
 F1_EPS = 1e-7  # utils.f1_score_max: 2PR / (P + R + 1e-7)
 CURVE_POINTS = 200  # vertices of a plotted ROC / PR curve (reports)
+FINE_NBINS = 65536  # value buckets bounding the negatives >= u (`fine_hist`)
+# F1 bounds are computed in float64 like F1 itself, each a few roundings off the exact
+# value; candidates within this relative margin of the best lower bound are kept.
+F1_SLACK = 1e-12
+_CHUNK = 1 << 18  # pixels per step of the counting loops: small temporaries, reused
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,6 +82,89 @@ def negatives_at(neg_sorted: np.ndarray, u: np.ndarray) -> np.ndarray:
   return np.stack([len(neg_sorted) - lo, hi - lo]).astype(np.int64)
 
 
+def fine_bins(x: np.ndarray, lo, hi) -> np.ndarray:
+  """(n,) int64 value bucket of float32 scores `x`, all in [lo, hi]: torch.histc's rule
+  (`_official_bin`) with FINE_NBINS bins.
+
+  Each float32 op of the rule (- lo, * nbins, / (hi - lo) > 0), the truncation and the min
+  is monotone non-decreasing, so x < y => b(x) <= b(y); hence b(x) > b(u) => x > u and
+  b(x) < b(u) => x < u: a bucket other than u's says on which side of u x lies. A span that
+  is empty, or so wide that (x - lo) * FINE_NBINS could overflow to inf (which would break
+  the order), puts everything in bucket 0: still correct, only slower (`negatives_at_fine`
+  then sorts every negative).
+  """
+  lo, hi = np.float32(lo), np.float32(hi)
+  with np.errstate(over="ignore", invalid="ignore"):
+    span = hi - lo
+    usable = bool(span > 0) and bool(np.isfinite(span * np.float32(FINE_NBINS)))
+  if not usable:  # otherwise x - lo <= span, so (x - lo) * FINE_NBINS stays finite
+    return np.zeros(len(x), np.int64)
+  return _official_bin(x, lo, hi, FINE_NBINS)
+
+
+def fine_hist(neg: np.ndarray, lo, hi) -> np.ndarray:
+  """(FINE_NBINS,) int64 count of the (unsorted) negatives per `fine_bins` bucket; `lo` /
+  `hi` span every score, positives and all processes' negatives."""
+  out = np.zeros(FINE_NBINS, np.int64)
+  for i in range(0, len(neg), _CHUNK):
+    out += np.bincount(fine_bins(neg[i:i + _CHUNK], lo, hi), minlength=FINE_NBINS)
+  return out
+
+
+def fine_ge(hist: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Negatives in buckets >= b, b in [0, FINE_NBINS] (FINE_NBINS: none), shaped like b.
+
+  hist: (FINE_NBINS,) `fine_hist`. Linear in `hist`, so a sum over any split of the
+  negatives: processes sum these few counts rather than the whole histogram.
+  """
+  return np.r_[np.cumsum(hist[::-1])[::-1], 0][b]
+
+
+def f1max_candidates(tp: np.ndarray, fp_lo: np.ndarray, fp_hi: np.ndarray) -> np.ndarray:
+  """Ascending indices of the descending positive scores u whose F1 may be the max.
+
+  tp: (U,) int64 positives >= u (tp[-1]: all of them); fp_lo, fp_hi: (U,) int64 bounds of
+  the negatives >= u. With b = `fine_bins(u)`, `fine_ge` of ALL the negatives gives them:
+  the negatives in buckets above b are all > u, some of b's own are, so the count lies in
+  [fine_ge(b + 1), fine_ge(b)].
+
+  F1 (`_f1`) is non-increasing in that count at fixed tp, so the bounds give an upper and a
+  lower bound of F1 at u, and the maximiser's upper bound reaches every lower bound. float64
+  rounding can break that order by a few ulps only, hence F1_SLACK.
+  """
+  n_pos = int(tp[-1])
+  upper = _f1(*_precision_recall(tp, fp_lo, n_pos))
+  lower = _f1(*_precision_recall(tp, fp_hi, n_pos))
+  best = lower.max()
+  return np.flatnonzero(upper >= best - F1_SLACK * best)
+
+
+def negatives_at_fine(neg: np.ndarray, u: np.ndarray, lo, hi, hist: np.ndarray
+                      ) -> np.ndarray:
+  """`negatives_at` for unsorted negatives: (2, K) int64 negatives >= u and == u.
+
+  neg: (n,) float32 this process's negatives, any order; u: (K,) float32 scores; lo, hi:
+  the `fine_bins` span (every score); hist: (FINE_NBINS,) `fine_hist` of `neg` (this
+  process's, not the sum). Only the negatives whose bucket holds some u are sorted: the
+  others are above u exactly when their bucket is (`fine_bins`), so bucket counts decide
+  them, and every negative equal to u shares u's bucket. Cost: one pass over `neg` (the
+  caller's `fine_hist` is the other) and a sort of the few in u's buckets, against a sort of
+  all.
+  """
+  u_bins = fine_bins(u, lo, hi)
+  held = np.zeros(FINE_NBINS, bool)
+  held[u_bins] = True
+  sub = np.concatenate([neg[:0]] + [
+      c[held[fine_bins(c, lo, hi)]] for c in
+      (neg[i:i + _CHUNK] for i in range(0, len(neg), _CHUNK))])
+  sub.sort()
+  # Negatives outside the held buckets, in buckets above b: ge_out[b + 1].
+  ge_out = np.r_[np.cumsum(np.where(held, 0, hist)[::-1])[::-1], 0]
+  first = np.searchsorted(sub, u, side="left")
+  last = np.searchsorted(sub, u, side="right")
+  return np.stack([ge_out[u_bins + 1] + len(sub) - first, last - first]).astype(np.int64)
+
+
 def ranks_from_counts(count, w, neg_counts, n_neg: int) -> Ranks:
   """`positive_levels`' count / w and `negatives_at`'s counts (ascending u) -> Ranks."""
   rev = slice(None, None, -1)  # descending thresholds from here on
@@ -86,11 +186,18 @@ def exact_auroc(r: Ranks) -> float:
   return twice_u / (2.0 * r.n_pos * r.n_neg)
 
 
+def _precision_recall(tp: np.ndarray, neg_ge: np.ndarray, n_pos: int):
+  # tp + fp >= 1 at every positive score. Elementwise: any subset of thresholds gives the
+  # same bits as the full arrays.
+  return tp / (tp + neg_ge), tp / n_pos
+
+
+def _f1(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+  return 2 * precision * recall / (precision + recall + F1_EPS)
+
+
 def _pr_at_positive_thresholds(r: Ranks) -> tuple[np.ndarray, np.ndarray]:
-  tp = np.cumsum(r.pos)
-  precision = tp / (tp + r.neg_ge)  # tp + fp >= 1 at every positive score
-  recall = tp / tp[-1]
-  return precision, recall
+  return _precision_recall(np.cumsum(r.pos), r.neg_ge, r.n_pos)
 
 
 def exact_ap(r: Ranks) -> float:
@@ -99,23 +206,45 @@ def exact_ap(r: Ranks) -> float:
   return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
+def f1max_at(tp: np.ndarray, neg_ge: np.ndarray, n_pos: int) -> float:
+  """Max F1 over some positive scores u (any subset holding the maximiser: the same value,
+  bit for bit, as over all of them).
+
+  tp, neg_ge: (K,) int64 positives / negatives >= u; n_pos: all positives.
+  """
+  return float(np.max(_f1(*_precision_recall(tp, neg_ge, n_pos))))
+
+
 def exact_f1max(r: Ranks) -> float:
   # Official f1_score_max. At a threshold holding negatives only, recall equals that of the
   # next higher positive score and precision is lower, so the max lies at a positive score.
-  precision, recall = _pr_at_positive_thresholds(r)
-  return float(np.max(2 * precision * recall / (precision + recall + F1_EPS)))
+  return f1max_at(np.cumsum(r.pos), r.neg_ge, r.n_pos)
+
+
+def curve_keep(n: int, max_points: int = CURVE_POINTS) -> np.ndarray:
+  """(<= max_points,) int64 ascending indices, evenly spaced in rank, of the n descending
+  positive scores that `curve_points` plots."""
+  return np.unique(np.linspace(0, n - 1, min(max_points, n)).round()).astype(np.int64)
+
+
+def curve_points_at(tp: np.ndarray, neg_ge: np.ndarray, n_pos: int, n_neg: int) -> dict:
+  """`curve_points` from the counts at its `curve_keep` thresholds only.
+
+  tp, neg_ge: (K,) int64 positives / negatives >= u at those thresholds; n_pos / n_neg: all
+  positives / negatives.
+  """
+  precision, recall = _precision_recall(tp, neg_ge, n_pos)
+  fpr = neg_ge / max(n_neg, 1)
+  return {"roc": {"fpr": [0.0, *fpr.tolist(), 1.0], "tpr": [0.0, *recall.tolist(), 1.0]},
+          "pr": {"recall": recall.tolist(), "precision": precision.tolist()}}
 
 
 def curve_points(r: Ranks, max_points: int = CURVE_POINTS) -> dict:
   """The ROC and PR curves for plotting: their vertices at the positive scores (exact),
   thinned to at most `max_points` evenly spaced in rank, the ROC framed by (0, 0) and (1, 1).
   -> {"roc": {"fpr", "tpr"}, "pr": {"recall", "precision"}} of float lists."""
-  precision, recall = _pr_at_positive_thresholds(r)
-  keep = np.unique(np.linspace(0, len(recall) - 1, min(max_points, len(recall))).round()
-                   ).astype(np.int64)
-  fpr = r.neg_ge[keep] / max(r.n_neg, 1)
-  return {"roc": {"fpr": [0.0, *fpr.tolist(), 1.0], "tpr": [0.0, *recall[keep].tolist(), 1.0]},
-          "pr": {"recall": recall[keep].tolist(), "precision": precision[keep].tolist()}}
+  keep = curve_keep(len(r.pos), max_points)
+  return curve_points_at(np.cumsum(r.pos)[keep], r.neg_ge[keep], r.n_pos, r.n_neg)
 
 
 def _area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:
@@ -142,15 +271,19 @@ def exact_aupro(r: Ranks, n_regions: int, limit: float = AUPRO_FPR_LIMIT) -> flo
 
 
 # ---------------------------------------------------------------------------------------
-# Official: adeval's histogram accumulator, read off the sorted arrays.
+# Official: adeval's histogram accumulator, counted per bin.
 # ---------------------------------------------------------------------------------------
 
 
 def _official_bin(x: np.ndarray, lo: np.float32, hi: np.float32, nbins: int) -> np.ndarray:
   # torch.histc (CPU and CUDA): (x - min) * nbins / (max - min) in float32, truncated;
-  # x == max goes to the last bin.
-  b = ((x - lo) * np.float32(nbins) / (hi - lo)).astype(np.int64)
-  return np.minimum(b, nbins - 1)
+  # x == max goes to the last bin. The same ops in place: two temporaries, not five (fresh
+  # pages for each cost more than the arithmetic, on the 1 MiB chunks of the counting loops).
+  t = np.asarray(x - lo)
+  t *= np.float32(nbins)
+  t /= hi - lo
+  b = t.astype(np.int64)
+  return np.minimum(b, nbins - 1, out=b)
 
 
 def official_hist(s: np.ndarray, lo, hi, nbins: int, cum_w=None) -> np.ndarray:
@@ -177,6 +310,23 @@ def official_hist(s: np.ndarray, lo, hi, nbins: int, cum_w=None) -> np.ndarray:
   if cum_w is None:
     return np.r_[a, np.diff(idx), n - c].astype(np.float64)
   return np.r_[cum_w[a] - cum_w[0], np.diff(cum_w[idx]), cum_w[n] - cum_w[c]]
+
+
+def official_hist_counts(x: np.ndarray, lo, hi, nbins: int) -> np.ndarray:
+  """`official_hist` (unweighted) of float32 scores `x` in any order: (nbins + 2,) float64
+  [< lo, histc bins of lo <= x <= hi, >= hi] (a pixel equal to hi in the last bin AND in
+  overflow), by a bincount of the bin rule -- the same integer counts, without the sort."""
+  lo, hi = np.float32(lo), np.float32(hi)
+  out = np.zeros(nbins + 2, np.int64)
+  for i in range(0, len(x), _CHUNK):
+    c = x[i:i + _CHUNK]
+    n_under, n_above = np.count_nonzero(c < lo), np.count_nonzero(c > hi)
+    out[0] += n_under
+    out[-1] += n_above + np.count_nonzero(c == hi)
+    if n_under or n_above:  # only with a given value_range: [lo, hi] is the data's otherwise
+      c = c[(c >= lo) & (c <= hi)]
+    out[1:-1] += np.bincount(_official_bin(c, lo, hi, nbins), minlength=nbins)
+  return out.astype(np.float64)
 
 
 def _official_curve(pos_stat: np.ndarray, neg_stat: np.ndarray):

@@ -21,8 +21,10 @@ I-AUROC, I-AP, I-F1max (image level, from image scores) and P-AUROC, P-AP, P-F1m
   the definition of the MVTec AD evaluation code (Bergmann et al., IJCV 2021).
 
 Both protocols share one exact core (`metric_curves`): counts, at the distinct scores of the
-positive (anomalous) pixels, of the positives and negatives at or above them; the official
-histogram is read off the same sorted arrays.
+positive (anomalous) pixels, of the positives and negatives at or above them. "exact" counts
+the negatives at every such score, in the sorted normal pixels; "official" needs them only at
+the few scores that can hold P-F1max and at the plotted ones, which a value histogram of the
+normal pixels picks, and bins the normal pixels with a bincount: it never sorts them all.
 
 Memory, and the min/max problem. adeval needs the class's global map min/max before the
 first pixel is binned, and the official P-F1max is exact on all pixels; neither allows a
@@ -31,16 +33,19 @@ scores of the class being evaluated as compact arrays -- float32 per normal pixe
 float32 score + int32 region area per anomalous pixel (8 B) -- and bins them in `result()`,
 when min/max are known: ONE pass over the maps, host memory bounded by the class, not the
 test set (measured peak ~80 MB + 4.3 B/pixel: 350 MB for 1,000 maps of 256x256, where
-scikit-learn peaks at 3.4 GB; benchmarks/metrics_bench.py). `result()` adds one 64 MiB block
-and an argsort of the anomalous pixels. With masks=None nothing per pixel is kept.
+scikit-learn peaks at 3.4 GB; benchmarks/metrics_bench.py). `result()` adds one 64 MiB block,
+an argsort of the anomalous pixels and, under "official", counting passes over 1 MiB chunks
+and a sort of the normal pixels near the chosen scores ("exact" sorts them all, in place).
+With masks=None nothing per pixel is kept.
 
 Several processes. Each feeds its own rows of a class to its own accumulator; `result(reduce)`
 merges them exactly through `reduce.gather` (see `SingleProcess`). Every metric is a function
 of the positives (with their region areas) and of COUNTS of negatives -- at each distinct
-positive score (exact metrics, P-F1max) or per bin (official histogram, after a min/max over
-hosts) -- and counts add over any split of the negatives. So the positives and image
-scores are gathered to every process, count vectors are summed, and the negatives, nearly
-all the pixels, never leave their process.
+positive score (exact metrics), per value bucket and then at the scores the summed buckets
+pick (official P-F1max and curves), or per bin (official histogram); the last two after a
+min/max over hosts -- and counts add over any split of the negatives. So the positives and
+image scores are gathered to every process, count vectors are summed, and the negatives,
+nearly all the pixels, never leave their process.
 """
 
 from __future__ import annotations
@@ -223,13 +228,21 @@ class MetricAccumulator:
     if np.isnan(maps).any():
       raise ValueError("metrics: anomaly maps contain NaN.")
     gt = masks > self.gt_threshold
+    has = gt.any(axis=(1, 2))
+    # Normal images whole, the others' pixels split (the negatives' order is free).
+    self._neg.append(maps[~has])
+    if not has.any():
+      return
+    gt, maps = gt[has], maps[has]
     self._neg.append(maps[~gt])
     self._pos.append(maps[gt])
-    # Region areas for AUPRO; only images holding a region are labelled (speed).
-    has = gt.any(axis=(1, 2))
-    regions, n = ndimage.label(gt[has], structure=_CC_STRUCTURE)
+    # Region areas for AUPRO, labelled inside the box that holds every region of the batch:
+    # the same regions, numbered in the same raster order, in fewer pixels.
+    rows, cols = np.flatnonzero(gt.any(axis=(0, 2))), np.flatnonzero(gt.any(axis=(0, 1)))
+    box = gt[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    regions, n = ndimage.label(box, structure=_CC_STRUCTURE)
     self._n_regions += int(n)
-    labels_pos = regions[gt[has]]
+    labels_pos = regions[box]
     self._pos_area.append(np.bincount(labels_pos, minlength=n + 1)[labels_pos])
 
   def nbytes(self) -> int:
@@ -272,9 +285,9 @@ class MetricAccumulator:
     return Metrics({k: out[k] for k in METRIC_NAMES}, info)
 
   def _pixel_metrics(self, info: dict, merge: _Merge) -> dict:
-    # The sorted arrays are stored back: a second result() (or more add()s) stays cheap.
+    # Stored back: a second result() (or more add()s) stays cheap. The negatives stay in
+    # any order ("exact" sorts them in place).
     neg = self._neg.gather()
-    neg.sort()  # in place
     pos, area = self._pos.gather(), self._pos_area.gather()
     order = np.argsort(pos, kind="stable")
     pos, area = pos[order], area[order]
@@ -291,24 +304,23 @@ class MetricAccumulator:
       info["notes"].append("masks hold one class only: pixel metrics undefined")
       return nan
 
-    def ranks(pos_w=None):
-      u, count, w = C.positive_levels(pos, pos_w)
-      return C.ranks_from_counts(count, w, merge.sum(C.negatives_at(neg, u)), n_neg)
-
     if self.protocol == "exact":
-      r = ranks(1.0 / area.astype(np.float64))
+      neg.sort()  # in place
+      u, count, w = C.positive_levels(pos, 1.0 / area.astype(np.float64))
+      r = C.ranks_from_counts(count, w, merge.sum(C.negatives_at(neg, u)), n_neg)
       info["curves"]["pixel"] = C.curve_points(r)
       return {"P-AUROC": C.exact_auroc(r), "P-AP": C.exact_ap(r), "P-F1max": C.exact_f1max(r),
               "AUPRO": C.exact_aupro(r, n_regions)}
 
-    r = ranks()
-    info["curves"]["pixel"] = C.curve_points(r)
-    out = {"P-F1max": C.exact_f1max(r)}
+    # Every score lies in [lo_all, hi_all] (the value buckets' span), adeval's [lo, hi] too
+    # unless value_range is given; every process gathers the ends either way.
+    ends = merge.concat(np.array([neg.min(), neg.max()]) if len(neg) else neg)
+    lo_all, hi_all = min(pos[0], ends.min()), max(pos[-1], ends.max())
+    out = {"P-F1max": _f1max_and_curve(info, merge, pos, neg, lo_all, hi_all, n_neg)}
     if self.value_range is not None:
       lo, hi = (np.float32(v) for v in self.value_range)
     else:
-      ends = merge.concat(neg[[0, -1]] if len(neg) else neg)  # this process's min, max
-      lo, hi = min(pos[0], ends.min()), max(pos[-1], ends.max())
+      lo, hi = lo_all, hi_all
     info["value_range"] = (float(lo), float(hi))
     if not lo < hi:  # adeval asserts min < max
       info["notes"].append("constant anomaly maps: binned P-AUROC/P-AP/AUPRO undefined")
@@ -318,10 +330,33 @@ class MetricAccumulator:
     p_auroc, p_ap, aupro = C.official_pixel(
         C.official_hist(pos, lo, hi, self.nbins),
         C.official_hist(pos, lo, hi, self.nbins, cum_w=np.r_[0.0, np.cumsum(pos_w)]),
-        merge.sum(C.official_hist(neg, lo, hi, self.nbins)))
+        merge.sum(C.official_hist_counts(neg, lo, hi, self.nbins)))
     if math.isnan(aupro):
       info["notes"].append("more than 30% of normal pixels at the map max: AUPRO undefined")
     return {**out, "P-AUROC": p_auroc, "P-AP": p_ap, "AUPRO": aupro}
+
+
+def _f1max_and_curve(info: dict, merge: _Merge, pos: np.ndarray, neg: np.ndarray, lo, hi,
+                     n_neg: int) -> float:
+  """Official P-F1max (exact, = scikit-learn on all pixels) and info's pixel curves.
+
+  pos: ascending scores of every process's positives; neg: this process's negatives, any
+  order; [lo, hi]: every score. They need the negatives >= u only at the positive scores u
+  that can hold the max and at the plotted ones (metric_curves): the value histogram's
+  counts at u's buckets, summed over processes, pick them (the same on every process), and
+  the local counts there are summed.
+  """
+  u, count, _ = C.positive_levels(pos)
+  u, tp = u[::-1], np.cumsum(count[::-1])  # descending thresholds, as in Ranks
+  hist = C.fine_hist(neg, lo, hi)
+  b = C.fine_bins(u, lo, hi)
+  fp_lo, fp_hi = merge.sum(C.fine_ge(hist, np.stack([b + 1, b])))  # bound negatives >= u
+  keep = C.curve_keep(len(u))
+  at = np.union1d(C.f1max_candidates(tp, fp_lo, fp_hi), keep)
+  neg_ge = merge.sum(C.negatives_at_fine(neg, u[at], lo, hi, hist))[0]
+  info["curves"]["pixel"] = C.curve_points_at(
+      tp[keep], neg_ge[np.searchsorted(at, keep)], len(pos), n_neg)
+  return C.f1max_at(tp[at], neg_ge, len(pos))
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ a normal image stays blue, a defect turns red, and two maps can be compared.
 
   gallery = Gallery(k=4)
   for batch: gallery.add(key, images, masks, maps, scores, labels, names, defects)
+  gallery.close(key)  # the class is complete: its kept images become tiles
   entries = gallery.write(key, folder, threshold)  # JPEG panels + what the page shows
 """
 
@@ -42,9 +43,15 @@ def jet(x: np.ndarray) -> np.ndarray:
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
-  """Normalised input (S, S, 3) -> uint8 RGB (S, S, 3)."""
-  rgb = np.clip(image * preprocess.IMAGENET_STD + preprocess.IMAGENET_MEAN, 0, 1)
-  return (rgb * 255 + 0.5).astype(np.uint8)
+  """Normalised input (S, S, 3) -> uint8 RGB (S, S, 3); uint8 input is RGB already."""
+  if image.dtype == np.uint8:
+    return image
+  # On rows with the statistics tiled along them (see preprocess.finish_from_resized).
+  rows = np.asarray(image, np.float32).reshape(image.shape[0], -1)
+  w = image.shape[1]
+  rgb = np.clip(rows * np.tile(preprocess.IMAGENET_STD, w) + np.tile(preprocess.IMAGENET_MEAN, w),
+                0, 1)
+  return (rgb * 255 + 0.5).astype(np.uint8).reshape(image.shape)
 
 
 def resize_map(amap: np.ndarray, size: int) -> np.ndarray:
@@ -75,14 +82,20 @@ def colorbar(width: int = 256, height: int = 14) -> np.ndarray:
 
 @dataclasses.dataclass
 class Shot:
-  """One kept test image, at gallery size: input, ground truth, map."""
+  """One kept test image, at gallery size: input, ground truth, map.
+
+  Until its class is closed a shot holds its rows at input size (`raw`) and no tiles: most
+  images offered while a class streams by are pushed out again by higher-ranked ones, and
+  drawing tiles is most of what the gallery costs.
+  """
   score: float
   label: int
   name: str
   defect: str
-  rgb: np.ndarray        # uint8 (TILE, TILE, 3)
-  mask: np.ndarray | None  # uint8 (TILE, TILE) 0/255, None without masks
-  amap: np.ndarray       # float32 (TILE, TILE)
+  rgb: np.ndarray | None = None   # uint8 (TILE, TILE, 3)
+  mask: np.ndarray | None = None  # uint8 (TILE, TILE) 0/255, None without masks
+  amap: np.ndarray | None = None  # float32 (TILE, TILE)
+  raw: tuple | None = None  # (image (S, S, 3) normalised, mask (H, W) or None, map (256, 256))
 
 
 class Gallery:
@@ -90,7 +103,8 @@ class Gallery:
   k highest-scored normal and the k lowest-scored anomalous ones (the false-positive and miss
   candidates once the threshold is known), and the range of every map of the class.
 
-  Host memory: at most 4k small tiles per class, whatever the size of the test set.
+  Host memory, whatever the size of the test set: at most 4k images at input size per class
+  neither closed (`close`) nor written and dropped (`drop`), 4k small tiles per closed class.
   """
 
   def __init__(self, k: int, tile: int = TILE):
@@ -100,14 +114,27 @@ class Gallery:
     self._count = itertools.count()  # ties in score: first come first kept
 
   def add(self, key, images, masks, maps, scores, labels, names, defects) -> None:
-    """images (B, S, S, 3) normalised; masks (B, H, W) or None; maps (B, 256, 256); the rest
-    (B,). key: (dataset, class)."""
+    """images (B, S, S, 3) normalised, or uint8 RGB crops; masks (B, H, W) or None; maps
+    (B, 256, 256); the rest (B,). key: (dataset, class)."""
     maps = np.asarray(maps)
     self._widen(key, float(maps.min()), float(maps.max()))
     for i, score in enumerate(np.asarray(scores, np.float64)):
-      self._offer(key, float(score), int(labels[i]), lambda i=i, score=score: self._shot(
-          images[i], None if masks is None else masks[i], maps[i], float(score),
-          int(labels[i]), str(names[i]), str(defects[i])))
+      # Copies of the rows, so that the batch's arrays are not held alive by a kept image.
+      self._offer(key, float(score), int(labels[i]), lambda i=i, score=score: Shot(
+          float(score), int(labels[i]), str(names[i]), str(defects[i]), raw=(
+              np.array(images[i]), None if masks is None else np.array(masks[i]),
+              np.array(maps[i]))))
+
+  def close(self, key) -> None:
+    """The class is complete: draws the tiles of the images it keeps, drops their rows.
+
+    `export` closes the class itself, `sections` and `write` draw the images they show;
+    calling it when the last image of a class is in bounds memory by the classes still
+    streaming. Another thread may close a class while `add` feeds others.
+    """
+    for shot in self._kept(key):
+      if shot.raw is not None:
+        self._draw(shot)
 
   def _widen(self, key, lo: float, hi: float) -> None:
     old_lo, old_hi = self._range.get(key, (np.inf, -np.inf))
@@ -138,6 +165,7 @@ class Gallery:
   def export(self, key) -> dict[str, np.ndarray]:
     """Every image kept for `key`, once, and the map range, as flat arrays of fixed dtypes
     (what another process's `absorb` takes back: the gallery of several processes)."""
+    self.close(key)
     shots, t = self._kept(key), self.tile
     text = json.dumps([[s.name, s.defect] for s in shots]).encode()
     lo, hi = self._range.get(key, (np.inf, -np.inf))
@@ -163,15 +191,19 @@ class Gallery:
           score, label, text[i][0], text[i][1], rgb[i],
           mask[i] if arrays["has_mask"][i] else None, amap[i]))
 
-  def _shot(self, image, mask, amap, score, label, name, defect) -> Shot:
+  def drop(self, key) -> None:
+    """Forgets the images kept for `key` (its page is written); its map range stays."""
+    self._heaps.pop(key, None)
+
+  def _draw(self, shot: Shot) -> None:
     t = self.tile
-    rgb = np.asarray(Image.fromarray(to_rgb(np.asarray(image))).resize(
-        (t, t), Image.Resampling.BILINEAR))
-    m = None
+    image, mask, amap = shot.raw
+    shot.rgb = np.asarray(Image.fromarray(to_rgb(image)).resize((t, t), Image.Resampling.BILINEAR))
     if mask is not None:
-      m = np.asarray(Image.fromarray(((np.asarray(mask) > 0.5) * 255).astype(np.uint8)).resize(
+      shot.mask = np.asarray(Image.fromarray(((mask > 0.5) * 255).astype(np.uint8)).resize(
           (t, t), Image.Resampling.NEAREST))
-    return Shot(score, label, name, defect, rgb, m, resize_map(amap, t))
+    shot.amap = resize_map(amap, t)
+    shot.raw = None
 
   def keys(self) -> list:
     return list(self._heaps)
@@ -196,6 +228,9 @@ class Gallery:
         shots = [s for s in shots if s.score > threshold]
       elif section == "miss":
         shots = [s for s in shots if s.score <= threshold]
+      for shot in shots:  # only the images shown are drawn
+        if shot.raw is not None:
+          self._draw(shot)
       out.append((section, title, shots))
     return out
 

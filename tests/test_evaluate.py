@@ -1,8 +1,10 @@
-"""evaluate(): each class's metrics are those of all its rows, though they are computed in a
-worker thread as soon as the class is complete and the classes straddle the batches."""
+"""evaluate(): each class's metrics and gallery are those of all its rows, though they are
+computed and written in a worker thread as soon as the class is complete and the classes
+straddle the batches."""
 
 import jax
 import numpy as np
+from PIL import Image
 
 from configs import mvtec
 from inpformer_jax import anomaly_map
@@ -10,6 +12,7 @@ from inpformer_jax import evaluate as eval_lib
 from inpformer_jax import metrics as metrics_lib
 from inpformer_jax import params as params_lib
 from inpformer_jax import train
+from inpformer_jax import visuals
 from inpformer_jax.data import datasets
 from inpformer_jax.data import pipeline
 from tests.runlocal import local_config, make_mvtec_like
@@ -19,7 +22,7 @@ def test_class_metrics_cover_every_row_of_the_class(tmp_path):
   # 2 classes x 4 test images in batches of 3: each class ends inside a batch, and its
   # metrics start while the next class's rows are still to come.
   config = local_config(mvtec.get_config, "", {"mvtec": make_mvtec_like(tmp_path / "d")},
-                        **{"eval.batch_size": 3, "eval.gallery_size": 0})
+                        **{"eval.batch_size": 3, "eval.gallery_size": 2})
   test = datasets.read_split(config.data, "test")
   r = train.Recipe.create(config, total_steps=1)
   params = jax.device_put(params_lib.merge(r.encoder, r.trainable))
@@ -27,16 +30,22 @@ def test_class_metrics_cover_every_row_of_the_class(tmp_path):
 
   def recording(p, images):
     out = forward(p, images)
-    seen.append(out)
+    seen.append((np.asarray(images), out))
     return out
 
   with jax.set_mesh(r.mesh):
-    got = eval_lib.evaluate(r.model, params, test.samples, config, r.mesh, forward=recording)
+    got = eval_lib.evaluate(r.model, params, test.samples, config, r.mesh, forward=recording,
+                            workdir=tmp_path / "wd")
   # The same maps and scores, every row of a class fed to one accumulator at once.
-  batches = pipeline.eval_batches(test.samples, resize=config.data.resize, crop=config.data.crop,
-                                  batch_size=3)
-  accs = {}
-  for batch, out in zip(batches, seen, strict=True):
+  kw = {"resize": config.data.resize, "crop": config.data.crop, "batch_size": 3}
+  accs, gallery = {}, visuals.Gallery(2)
+  for batch, crops, (images, out) in zip(pipeline.eval_batches(test.samples, **kw),
+                                         pipeline.eval_batches(test.samples, uint8=True, **kw),
+                                         seen, strict=True):
+    # The model saw the host pipeline's normalised images, though normalised on the device
+    # (padding rows aside: zeros before or after normalising, never read).
+    valid = np.asarray(batch["index"]) >= 0
+    np.testing.assert_array_equal(images[valid], batch["image"][valid])
     masks = anomaly_map.resize_masks_to_map(np.asarray(batch["mask"], np.float32))
     for row in np.flatnonzero(np.asarray(batch["index"]) >= 0):
       s = test.samples[int(batch["index"][row])]
@@ -44,8 +53,22 @@ def test_class_metrics_cover_every_row_of_the_class(tmp_path):
           protocol=config.eval.protocol, gt_threshold=config.eval.gt_threshold))
       acc.add(np.asarray(out["anomaly_map"])[row:row + 1], masks[row:row + 1], [s.label],
               np.asarray(out["score"])[row:row + 1])
+      gallery.add(("mvtec", s.category), np.asarray(crops["image"])[row:row + 1],
+                  masks[row:row + 1], np.asarray(out["anomaly_map"])[row:row + 1],
+                  np.asarray(out["score"])[row:row + 1], [s.label], [eval_lib._name(s)],
+                  [s.defect])
   assert len(seen) == 3 and sorted(accs) == sorted(got["mvtec"])
   for category, acc in accs.items():
     want = acc.result()
     assert dict(got["mvtec"][category]) == dict(want), category
     assert got["mvtec"][category].info["n_images"] == 4
+    # The panels written by the worker: those of a gallery that saw every row, same pixels.
+    page = got["mvtec"][category].info["gallery"]
+    ref = gallery.write(("mvtec", category), tmp_path / "ref" / category, page["threshold"])
+    assert [[im["name"] for im in s["images"]] for s in page["sections"]] == [
+        [im["name"] for im in s["images"]] for s in ref["sections"]]
+    assert sum(len(s["images"]) for s in ref["sections"]) >= 4
+    for a, b in zip(page["sections"], ref["sections"], strict=True):
+      for x, y in zip(a["images"], b["images"], strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(x["file"])),
+                                      np.asarray(Image.open(y["file"])))

@@ -1,10 +1,12 @@
 """The seven metrics: official oracle, exact vs scikit-learn (with ties), exact AUPRO vs a
-brute-force PRO curve, the official histogram vs a per-pixel transcription of adeval,
+brute-force PRO curve, the official histogram vs a per-pixel transcription of adeval, the
+official protocol (which never sorts the normal pixels) == a sorted reference bit for bit,
 streaming == in-memory, a class split over processes == one process, GT binarisation, and
 edge cases."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 
@@ -141,6 +143,102 @@ def test_official_counts_max_twice():
   exact = M.compute_metrics(maps, masks, [1], [1.0], protocol="exact")
   assert exact["P-AUROC"] == (13 + 13 + 0.5) / 28  # 0.95 beats 13; 1.0 beats 13, ties 1
   assert not math.isclose(res["P-AUROC"], exact["P-AUROC"])
+
+
+def _official_sorted_reference(maps, masks, value_range=None):
+  """The official pixel metrics and pixel curves the straightforward way (as computed
+  before the normal pixels stopped being sorted): ALL the negatives sorted, counted at every
+  positive score, adeval's histograms by bisection on the sorted scores."""
+  gt = masks > 0.5
+  neg = np.sort(maps[~gt])
+  areas = []
+  for g in gt:
+    lab = measure.label(g, connectivity=2)
+    areas.append(np.bincount(lab.ravel())[lab[g]])
+  order = np.argsort(maps[gt], kind="stable")
+  pos, area = maps[gt][order], np.concatenate(areas)[order]
+  r = C.ranks(pos, neg)
+  if value_range is None:
+    lo, hi = min(pos[0], neg[0]), max(pos[-1], neg[-1])
+  else:
+    lo, hi = (np.float32(v) for v in value_range)
+  pos_w = (1.0 / area.astype(np.float64)).astype(np.float32).astype(np.float64)
+  auroc, ap, aupro = C.official_pixel(
+      C.official_hist(pos, lo, hi, 200),
+      C.official_hist(pos, lo, hi, 200, cum_w=np.r_[0.0, np.cumsum(pos_w)]),
+      C.official_hist(neg, lo, hi, 200))
+  return ({"P-AUROC": auroc, "P-AP": ap, "P-F1max": C.exact_f1max(r), "AUPRO": aupro},
+          C.curve_points(r))
+
+
+def _flat_f1_maps(rng):
+  """Maps whose P-F1max is flat over 201 thresholds packed a few float32 ulps apart: 100
+  positives above every negative, then 200 more with 3 negatives just above each (fp =
+  3 (tp - 100): F1 = 1/2 up to F1_EPS and rounding); lots of negatives far below."""
+  maps = (0.4 * rng.random((2, 128, 128))).astype(np.float32)
+  masks = np.zeros(maps.shape, np.float32)
+  masks[0, 10:25, 30:50] = 1
+  ulp = np.spacing(np.float32(0.5))
+  steps = np.float32(0.5) + ulp * (4 * np.arange(200, 0, -1)).astype(np.float32)
+  maps[masks > 0] = rng.permutation(np.r_[0.9 + 0.1 * rng.random(99), 1.0, steps])
+  flat = maps.reshape(-1)  # a view
+  spots = rng.choice(np.flatnonzero(masks.reshape(-1) == 0), 600, replace=False)
+  flat[spots] = np.r_[steps + ulp, steps + 2 * ulp, steps + 3 * ulp]
+  return maps, masks, np.array([1, 0]), np.array([1.0, 0.0])
+
+
+def _official_case(name):
+  rng = np.random.default_rng(21)
+  if name == "flat":
+    return _flat_f1_maps(rng), None
+  levels = {"random": None, "ties": 6, "ties_40": 40, "value_range": None}[name]
+  maps, masks, labels, scores = _blobs(rng, 12, 48, levels)
+  if levels:  # quantised to [0, 1]: ties, and positives and negatives at both lo and hi
+    gt = (masks > 0.5).reshape(-1)
+    flat = maps.reshape(-1)  # a view
+    flat[np.flatnonzero(gt)[:3]], flat[np.flatnonzero(~gt)[-3:]] = 0.0, 1.0
+    for sel in (gt, ~gt):
+      assert np.isin([0.0, 1.0], flat[sel]).all()
+    assert len(np.unique(flat)) <= levels + 1
+  return (maps, masks, labels, scores), ((0.15, 0.4) if name == "value_range" else None)
+
+
+_OFFICIAL_CASES = ("random", "ties", "ties_40", "value_range", "flat")
+
+
+@pytest.mark.parametrize("name", _OFFICIAL_CASES)
+def test_official_without_sorting_equals_the_sorted_reference_bit_for_bit(name):
+  (maps, masks, labels, scores), value_range = _official_case(name)
+  want, want_curves = _official_sorted_reference(maps, masks, value_range)
+  acc = M.MetricAccumulator(value_range=value_range)
+  for lo in range(0, len(maps), 5):
+    acc.add(maps[lo:lo + 5], masks[lo:lo + 5], labels[lo:lo + 5], scores[lo:lo + 5])
+  for _ in range(2):  # result() twice: what it stores back serves again
+    res = acc.result()
+    for k, v in want.items():
+      assert res[k] == v, (k, res[k], v)
+    assert res.info["curves"]["pixel"] == want_curves
+  # Every normal pixel is held once (in any order: neither add() nor result() sorts them).
+  np.testing.assert_array_equal(np.sort(acc._neg.gather()), np.sort(maps[masks <= 0.5]))
+
+
+@pytest.mark.parametrize("name", _OFFICIAL_CASES)
+def test_official_split_over_processes_equals_the_sorted_reference_bit_for_bit(
+    name, monkeypatch):
+  (maps, masks, labels, scores), value_range = _official_case(name)
+  want, want_curves = _official_sorted_reference(maps, masks, value_range)
+  monkeypatch.setattr(M, "SUM_BYTES", 100)  # count vectors summed in several gathers
+  # Contiguous rows, in process order: the positives merge in the single-process order.
+  cuts = [0, 1, 1, len(maps)] if len(maps) == 2 else [0, 4, 5, len(maps)]
+  accs = []
+  for a, b in itertools.pairwise(cuts):  # with 2 maps, the middle process holds no rows
+    accs.append(M.MetricAccumulator(value_range=value_range))
+    if b > a:
+      accs[-1].add(maps[a:b], masks[a:b], labels[a:b], scores[a:b])
+  for res in _Hosts(3).results(accs):
+    for k, v in want.items():
+      assert res[k] == v, (k, res[k], v)
+    assert res.info["curves"]["pixel"] == want_curves
 
 
 # --- exact protocol ---------------------------------------------------------------------

@@ -93,3 +93,30 @@ def test_galleries_of_several_processes_merge_into_the_gallery_of_one():
       np.testing.assert_array_equal(x.rgb, y.rgb)
       np.testing.assert_array_equal(x.mask, y.mask)
       np.testing.assert_array_equal(x.amap, y.amap)
+
+
+def test_only_the_images_kept_at_close_are_drawn(monkeypatch):
+  """Tiles are drawn when the class is closed, for the images it still keeps, from copies of
+  their rows (the batch arrays may be reused meanwhile)."""
+  drawn = []
+  to_rgb = visuals.to_rgb
+  monkeypatch.setattr(visuals, "to_rgb", lambda x: drawn.append(x) or to_rgb(x))
+  rng = np.random.default_rng(3)
+  n = 12
+  images = rng.normal(size=(n, S, S, 3)).astype(np.float32)
+  maps = rng.uniform(0, 1, (n, S, S)).astype(np.float32)
+  scores, labels = np.linspace(0.1, 1.0, n), np.arange(n) % 2  # rising: each one is kept
+  g = visuals.Gallery(k=1, tile=8)
+  for i in range(n):
+    g.add("k", images[i:i + 1], None, maps[i:i + 1], scores[i:i + 1], labels[i:i + 1],
+          [f"img{i}"], ["d"])
+  assert not drawn
+  want = {name: np.array(images[int(name[3:])]) for name in ("img0", "img1", "img10", "img11")}
+  images[:] = 0  # the batch reused
+  g.close("k")
+  kept = {s.name: s for _, _, shots in g.sections("k", None) for s in shots}
+  assert sorted(kept) == sorted(want) and len(drawn) == len(want)
+  for name, shot in kept.items():
+    one = visuals.Gallery(k=1, tile=8)
+    one.add("k", want[name][None], None, maps[int(name[3:])][None], [1.0], [0], [name], ["d"])
+    np.testing.assert_array_equal(shot.rgb, one.sections("k", None)[0][2][0].rgb)

@@ -86,7 +86,12 @@ def resize_pil_only(path_or_img, size: int) -> np.ndarray:
   `finish_from_resized`).
   """
   img = path_or_img if isinstance(path_or_img, Image.Image) else _open(path_or_img, "image")
-  return np.asarray(_pil_resize(img.convert("RGB"), size), dtype=np.uint8)
+  # PIL's own convert to the same mode and resize to the same size are copies: skipped.
+  if img.mode != "RGB":
+    img = img.convert("RGB")
+  if img.size != (size, size):
+    img = _pil_resize(img, size)
+  return np.asarray(img, dtype=np.uint8)
 
 
 def finish_from_resized(resized: np.ndarray, crop: int) -> np.ndarray:
@@ -95,9 +100,13 @@ def finish_from_resized(resized: np.ndarray, crop: int) -> np.ndarray:
     raise ValueError(f"expected a uint8 (H, W, 3) image, got {resized.dtype} {resized.shape}")
   x = _center_crop(resized, crop).astype(np.float32)
   # torchvision: ToTensor does img.float().div(255); Normalize does sub_(mean).div_(std),
-  # all in float32.
-  x = x / np.float32(255)
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
+  # all in float32. In place, on rows with the statistics tiled along them: broadcasting
+  # (3,) against the last axis runs NumPy's inner loop 3 elements at a time (4x slower).
+  rows = x.reshape(x.shape[0], -1)
+  np.divide(rows, np.float32(255), out=rows)
+  np.subtract(rows, np.tile(IMAGENET_MEAN, x.shape[1]), out=rows)
+  np.divide(rows, np.tile(IMAGENET_STD, x.shape[1]), out=rows)
+  return x
 
 
 def preprocess_pil(img: Image.Image, resize: int = 448, crop: int = 392) -> np.ndarray:
