@@ -15,6 +15,7 @@ from inpformer_jax import train
 from inpformer_jax import visuals
 from inpformer_jax.data import datasets
 from inpformer_jax.data import pipeline
+from inpformer_jax.data.records import Sample
 from tests.runlocal import local_config, make_mvtec_like
 
 
@@ -72,3 +73,16 @@ def test_class_metrics_cover_every_row_of_the_class(tmp_path):
       for x, y in zip(a["images"], b["images"], strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(x["file"])),
                                       np.asarray(Image.open(y["file"])))
+
+
+def test_rows_of_a_class_are_a_slice_when_contiguous_else_their_indices():
+  samples = [Sample(f"/x/{i}.png", None, 0, "d", c, "good", False)
+             for i, c in enumerate("aabab")]
+  rows = np.arange(6)  # a batch's rows: samples 0, 1, 2, 3, padding, 4
+  got = eval_lib._group_rows(samples, np.array([0, 1, 2, 3, -1, 4]))
+  assert sorted(got) == [("d", "a"), ("d", "b")]
+  np.testing.assert_array_equal(rows[got[("d", "a")]], [0, 1, 3])
+  np.testing.assert_array_equal(rows[got[("d", "b")]], [2, 5])
+  # Contiguous: views of the batch, padding left out.
+  got = eval_lib._group_rows(samples, np.array([0, 1, 2, -1]))
+  assert got == {("d", "a"): slice(0, 2), ("d", "b"): slice(2, 3)}
