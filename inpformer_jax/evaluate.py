@@ -102,11 +102,11 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
   # The gallery is drawn only where the report is written.
   gallery = (visuals.Gallery(ec.gallery_size) if ec.gallery_size and workdir is not None
              else None)
-  finish = _Finish(workdir, gallery) if is_main else None
   # One process: each class is finished (metrics, threshold, gallery panels) in a thread as
   # soon as its last image is in, beside the forwards of the next classes. Several processes
   # merge the classes in one order at the end (collectives).
   early = _Early() if jax.process_count() == 1 else None
+  finish = _Finish(workdir, gallery) if early is not None else None
   n_rows, t0 = 0, time.time()
   outputs = _ahead(lambda b: forward(params, _normalize(
       sharding.global_batch({"image": b["image"]}, mesh)["image"])), batches)
@@ -143,7 +143,7 @@ def evaluate(model, params, samples: Sequence[Sample], config, mesh, *,
     gallery = _merged(gallery, list(accs), reduce)  # collectives: every process takes part
   if not is_main:
     return {}
-  finish.gallery = gallery
+  finish = _Finish(workdir, gallery)
   for key, res in merged.items():
     results.setdefault(key[0], {})[key[1]] = finish(key, res)
   return results

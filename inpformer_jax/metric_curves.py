@@ -158,11 +158,11 @@ def negatives_at_fine(neg: np.ndarray, u: np.ndarray, lo, hi, hist: np.ndarray
       c[held[fine_bins(c, lo, hi)]] for c in
       (neg[i:i + _CHUNK] for i in range(0, len(neg), _CHUNK))])
   sub.sort()
-  # Negatives outside the held buckets, in buckets above b: ge_out[b + 1].
-  ge_out = np.r_[np.cumsum(np.where(held, 0, hist)[::-1])[::-1], 0]
+  # Negatives outside the held buckets, in buckets above u's.
+  ge_out = fine_ge(np.where(held, 0, hist), u_bins + 1)
   first = np.searchsorted(sub, u, side="left")
   last = np.searchsorted(sub, u, side="right")
-  return np.stack([ge_out[u_bins + 1] + len(sub) - first, last - first]).astype(np.int64)
+  return np.stack([ge_out + len(sub) - first, last - first]).astype(np.int64)
 
 
 def ranks_from_counts(count, w, neg_counts, n_neg: int) -> Ranks:

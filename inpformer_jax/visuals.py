@@ -84,9 +84,9 @@ def colorbar(width: int = 256, height: int = 14) -> np.ndarray:
 class Shot:
   """One kept test image, at gallery size: input, ground truth, map.
 
-  Until its class is closed a shot holds its rows at input size (`raw`) and no tiles: most
-  images offered while a class streams by are pushed out again by higher-ranked ones, and
-  drawing tiles is most of what the gallery costs.
+  Until it is drawn (its class closed, or the shot shown) it holds its rows at input size
+  (`raw`) and no tiles: most images offered while a class streams by are pushed out again by
+  higher-ranked ones, and drawing tiles is most of what the gallery costs.
   """
   score: float
   label: int
@@ -95,7 +95,7 @@ class Shot:
   rgb: np.ndarray | None = None   # uint8 (TILE, TILE, 3)
   mask: np.ndarray | None = None  # uint8 (TILE, TILE) 0/255, None without masks
   amap: np.ndarray | None = None  # float32 (TILE, TILE)
-  raw: tuple | None = None  # (image (S, S, 3) normalised, mask (H, W) or None, map (256, 256))
+  raw: tuple | None = None  # (image (S, S, 3) as `add` got it, mask (H, W) or None, map)
 
 
 class Gallery:
@@ -133,8 +133,7 @@ class Gallery:
     streaming. Another thread may close a class while `add` feeds others.
     """
     for shot in self._kept(key):
-      if shot.raw is not None:
-        self._draw(shot)
+      self._draw(shot)
 
   def _widen(self, key, lo: float, hi: float) -> None:
     old_lo, old_hi = self._range.get(key, (np.inf, -np.inf))
@@ -196,6 +195,9 @@ class Gallery:
     self._heaps.pop(key, None)
 
   def _draw(self, shot: Shot) -> None:
+    """Draws the shot's tiles from its rows, once."""
+    if shot.raw is None:
+      return
     t = self.tile
     image, mask, amap = shot.raw
     shot.rgb = np.asarray(Image.fromarray(to_rgb(image)).resize((t, t), Image.Resampling.BILINEAR))
@@ -229,8 +231,7 @@ class Gallery:
       elif section == "miss":
         shots = [s for s in shots if s.score <= threshold]
       for shot in shots:  # only the images shown are drawn
-        if shot.raw is not None:
-          self._draw(shot)
+        self._draw(shot)
       out.append((section, title, shots))
     return out
 
